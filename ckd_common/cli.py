@@ -1,0 +1,110 @@
+"""``ckd``: models, data and (later) the cascade.
+
+  ckd model init --preset tiny-student|tiny-ta|tiny-teacher --out DIR [--strategy full|patch]
+  ckd model convert --tinyllava SRC --out DST
+  ckd model compose --vision DIR --llm DIR --out DST [--strategy full|patch]
+  ckd model info DIR
+  ckd data synth --out DIR [--seed S --n-pretrain N --n-instruct N --n-eval N]
+  ckd data prepare --model DIR --data FILE --images DIR --template pretrain|qwen2_base
+  ckd demo [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ckd_common.config import ConfigError
+from ckd_common.data import DataError
+from ckd_common.model import PRESETS, ModelLoadError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="group", required=True)
+
+    model = sub.add_parser("model", help="create, convert, compose and inspect VLM checkpoints")
+    msub = model.add_subparsers(dest="cmd", required=True)
+    m = msub.add_parser("init", help="write a tiny random-initialised preset")
+    m.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    m.add_argument("--out", required=True)
+    m.add_argument("--strategy", default="full", choices=["full", "patch"])
+    m.add_argument("--seed", type=int, default=0)
+    m = msub.add_parser("convert", help="TinyLLaVA-Factory checkpoint -> HF llava directory")
+    m.add_argument("--tinyllava", required=True)
+    m.add_argument("--out", required=True)
+    m = msub.add_parser("compose", help="vision tower + LLM + fresh connector -> HF llava directory")
+    m.add_argument("--vision", required=True)
+    m.add_argument("--llm", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--strategy", default="full", choices=["full", "patch"])
+    m.add_argument("--seed", type=int, default=0)
+    m = msub.add_parser("info", help="print a model's fingerprint and shapes")
+    m.add_argument("dir")
+
+    data = sub.add_parser("data", help="synthesise and prepare data")
+    dsub = data.add_subparsers(dest="cmd", required=True)
+    d = dsub.add_parser("synth", help="write the synthetic shapes dataset")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-pretrain", type=int, default=400)
+    d.add_argument("--n-instruct", type=int, default=400)
+    d.add_argument("--n-eval", type=int, default=200)
+    d = dsub.add_parser("prepare", help="validate a LLaVA json file and report what a model sees")
+    d.add_argument("--model", required=True)
+    d.add_argument("--data", required=True)
+    d.add_argument("--images", default=None)
+    d.add_argument("--template", required=True, choices=["pretrain", "qwen2_base"])
+    d.add_argument("--max-length", type=int, default=2048)
+    d.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+
+    demo = sub.add_parser("demo", help="run the embedded default end to end on CPU")
+    demo.add_argument("--workdir", default="runs/demo")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.group == "model":
+        from ckd_common import model as M
+
+        if args.cmd == "init":
+            print(f"wrote {M.init_preset(args.preset, args.out, args.strategy, args.seed)}")
+        elif args.cmd == "convert":
+            print(f"wrote {M.convert_tinyllava(args.tinyllava, args.out)}")
+        elif args.cmd == "compose":
+            print(f"wrote {M.compose_vlm(args.vision, args.llm, args.out, args.strategy, args.seed)}")
+        elif args.cmd == "info":
+            print(M.describe(args.dir))
+    elif args.group == "data":
+        if args.cmd == "synth":
+            from ckd_common.synth import synthesize
+
+            print(synthesize(args.out, args.seed, args.n_pretrain, args.n_instruct, args.n_eval))
+        elif args.cmd == "prepare":
+            from ckd_common.data import prepare_file
+            from ckd_common.model import load_vlm, model_info
+
+            model, tok = load_vlm(args.model)
+            info = model_info(model, tok)
+            ds = prepare_file(args.data, tok, args.template, info.num_visual_tokens, info.image_token_id,
+                              args.images, args.max_length, args.on_error, progress=True)
+            n_resp = sum(len(s.response_positions) for s in ds.samples)
+            print(f"{len(ds)} samples, {sum(s.length for s in ds.samples)} tokens, {n_resp} response positions, "
+                  f"fingerprint {ds.fingerprint}, skipped {ds.skipped or 0}")
+    elif args.group == "demo":
+        from ckd_common.demo import main as demo_main
+
+        return demo_main(["--workdir", args.workdir])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        print(f"ckd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

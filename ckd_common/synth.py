@@ -1,0 +1,177 @@
+"""Synthetic vision-language data: the embedded default dataset (``ckd data synth``).
+
+Images of a few coloured shapes in a 2x2 grid; captions for pre-training; question-answer
+conversations (colour, shape, count, position, yes/no existence) for instruction tuning; held-out
+questions with exact short answers for evaluation. Written in the same formats as real data
+(LLaVA JSON, LLaVA-1.5 eval jsonl) and fully determined by the seed.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("square", "circle", "triangle")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+CATEGORIES = ("colour", "shape", "count", "position", "existence")
+IMAGE_SIZE = 112
+PRETRAIN_PROMPTS = (
+    "Describe the image briefly.",
+    "Render a clear and concise summary of the photo.",
+    "Give a short caption for this picture.",
+)
+TEXT_ONLY_QA = (
+    ("Name a colour that is in a rainbow.", "red"),
+    ("How many corners does a square have?", "4"),
+    ("How many corners does a triangle have?", "3"),
+    ("Which shape has no corners?", "circle"),
+    ("What is one plus one?", "2"),
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    colour: str
+    shape: str
+    cell: int
+
+
+def _draw(items: list[Item], rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 240))
+    d = ImageDraw.Draw(img)
+    half = IMAGE_SIZE // 2
+    for it in items:
+        x0, y0 = (it.cell % 2) * half, (it.cell // 2) * half
+        m = rng.randint(6, 12)
+        box = (x0 + m, y0 + m, x0 + half - m, y0 + half - m)
+        col = COLOURS[it.colour]
+        if it.shape == "square":
+            d.rectangle(box, fill=col)
+        elif it.shape == "circle":
+            d.ellipse(box, fill=col)
+        else:
+            d.polygon([((box[0] + box[2]) // 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=col)
+    return img
+
+
+def _scene(rng: random.Random) -> list[Item]:
+    n = rng.randint(1, 3)
+    cells = rng.sample(range(4), n)
+    return [Item(rng.choice(list(COLOURS)), rng.choice(SHAPES), c) for c in sorted(cells)]
+
+
+def caption(items: list[Item]) -> str:
+    parts = [f"a {it.colour} {it.shape} at the {CELLS[it.cell]}" for it in items]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    noun = "shape" if len(items) == 1 else "shapes"
+    return f"{NUMBER_WORDS[len(items)].capitalize()} {noun}: {text}."
+
+
+def question(items: list[Item], category: str, rng: random.Random) -> tuple[str, str]:
+    """One (question, exact short answer) pair of the given category about the scene."""
+    if category == "count":
+        return "How many shapes are there?", str(len(items))
+    if category == "colour":
+        it = rng.choice(items)
+        return f"What colour is the shape at the {CELLS[it.cell]}?", it.colour
+    if category == "shape":
+        it = rng.choice(items)
+        return f"What shape is at the {CELLS[it.cell]}?", it.shape
+    if category == "position":
+        it = rng.choice(items)
+        return f"Where is the {it.colour} {it.shape}?", CELLS[it.cell]
+    if category == "existence":
+        if rng.random() < 0.5:
+            it = rng.choice(items)
+            return f"Is there a {it.colour} {it.shape}?", "yes"
+        present = {(it.colour, it.shape) for it in items}
+        while True:
+            c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            if (c, s) not in present:
+                return f"Is there a {c} {s}?", "no"
+    raise ValueError(f"unknown question category {category!r}; expected one of {CATEGORIES}")
+
+
+def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_instruct: int = 400,
+               n_eval: int = 200, text_only_fraction: float = 0.05) -> dict:
+    """Write pretrain.json, instruct.json, eval.jsonl and images/ under ``out_dir``."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    def new_image(prefix: str, i: int) -> tuple[str, list[Item]]:
+        items = _scene(rng)
+        name = f"{prefix}_{i:06d}.png"
+        _draw(items, rng).save(out / "images" / name)
+        return name, items
+
+    pretrain = []
+    for i in range(n_pretrain):
+        name, items = new_image("pt", i)
+        pretrain.append({
+            "id": f"pt-{i:06d}", "image": name,
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + rng.choice(PRETRAIN_PROMPTS)},
+                {"from": "gpt", "value": caption(items)},
+            ],
+        })
+
+    instruct = []
+    for i in range(n_instruct):
+        if rng.random() < text_only_fraction:
+            q, a = rng.choice(TEXT_ONLY_QA)
+            instruct.append({"id": f"it-{i:06d}", "conversations": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+            continue
+        name, items = new_image("it", i)
+        conv = []
+        for r, cat in enumerate(rng.sample(CATEGORIES, rng.randint(1, 3))):
+            q, a = question(items, cat, rng)
+            conv.append({"from": "human", "value": ("<image>\n" if r == 0 else "") + q + SHORT_ANSWER})
+            conv.append({"from": "gpt", "value": a})
+        instruct.append({"id": f"it-{i:06d}", "image": name, "conversations": conv})
+
+    evals = []
+    for i in range(n_eval):
+        name, items = new_image("ev", i)
+        cat = CATEGORIES[i % len(CATEGORIES)]
+        q, a = question(items, cat, rng)
+        evals.append({"question_id": f"ev-{i:06d}", "image": name, "text": q + SHORT_ANSWER,
+                      "answer": a, "category": cat})
+
+    (out / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
+    (out / "instruct.json").write_text(json.dumps(instruct, indent=1))
+    with open(out / "eval.jsonl", "w") as f:
+        for e in evals:
+            f.write(json.dumps(e) + "\n")
+    return {"pretrain": len(pretrain), "instruct": len(instruct), "eval": len(evals), "dir": str(out)}
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the template strings and every word synth emits."""
+    from ckd_common.templates import SYSTEM_PROMPT
+
+    rng = random.Random(1234)
+    corpus = [SYSTEM_PROMPT, " USER: ", " ASSISTANT: ", SHORT_ANSWER, *PRETRAIN_PROMPTS]
+    corpus += [q + " " + a for q, a in TEXT_ONLY_QA]
+    for _ in range(300):
+        items = _scene(rng)
+        corpus.append(caption(items))
+        for cat in CATEGORIES:
+            q, a = question(items, cat, rng)
+            corpus.append(q + " " + a)
+    corpus += [" ".join(str(i) for i in range(10)), "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    return corpus

@@ -1,0 +1,61 @@
+"""Value encodings of stored log-probs and the autocorrelation layout (see FORMAT.md).
+
+f16  log-probs as IEEE float16 (-inf kept).
+q8   per position, lp0 = max finite log-prob (stored float16) and one uint8 code per entry:
+     c = round(254 * sqrt(min(lp0 - lp, Q8_RANGE) / Q8_RANGE)), c = 255 for -inf (padding);
+     decoded lp = lp0 - Q8_RANGE * (c / 254)**2. Codes are stored delta-encoded along k
+     (s[:,0] = c[:,0], s[:,j] = c[:,j] - c[:,j-1] mod 256), so rows sorted by descending
+     probability become small numbers that compress well; decode with a uint8 cumsum.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+Q8_RANGE = 32.0   # log-probs more than 32 nats below the row max are clipped (p ratio < 1.3e-14)
+Q8_LEVELS = 254
+Q8_NEG_INF = 255
+
+
+def encode_q8(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N,k] float log-probs -> (delta codes uint8 [N,k], lp0 float16 [N])."""
+    lp = np.asarray(logprobs, dtype=np.float32)
+    finite = np.isfinite(lp)
+    lp0 = np.where(finite, lp, -np.inf).max(axis=1, initial=-np.inf) if lp.shape[1] else np.zeros(len(lp), np.float32)
+    lp0 = np.where(np.isfinite(lp0), lp0, 0.0).astype(np.float16)
+    d = np.clip(lp0.astype(np.float32)[:, None] - np.where(finite, lp, 0.0), 0.0, Q8_RANGE)
+    c = np.rint(Q8_LEVELS * np.sqrt(d / Q8_RANGE)).astype(np.uint8)
+    c[~finite] = Q8_NEG_INF
+    s = c.copy()
+    if c.shape[1] > 1:
+        s[:, 1:] = c[:, 1:] - c[:, :-1]  # uint8 arithmetic wraps mod 256
+    return s, lp0
+
+
+def decode_q8(codes_delta: np.ndarray, lp0: np.ndarray) -> np.ndarray:
+    c = np.cumsum(np.asarray(codes_delta, dtype=np.uint8), axis=1, dtype=np.uint8)
+    lp = lp0.astype(np.float32)[:, None] - np.float32(Q8_RANGE) * (c.astype(np.float32) / Q8_LEVELS) ** 2
+    lp[c == Q8_NEG_INF] = -np.inf
+    return lp.astype(np.float32)
+
+
+def triu_size(nv: int) -> int:
+    return nv * (nv + 1) // 2
+
+
+def pack_autocorr(r: np.ndarray) -> np.ndarray:
+    """[Nv,Nv] symmetric -> upper triangle (diagonal included), row-major, float16."""
+    nv = r.shape[0]
+    iu = np.triu_indices(nv)
+    return np.asarray(r, dtype=np.float32)[iu].astype(np.float16)
+
+
+def unpack_autocorr(flat: np.ndarray) -> np.ndarray:
+    n = len(flat)
+    nv = int(round((np.sqrt(8 * n + 1) - 1) / 2))
+    if triu_size(nv) != n:
+        raise ValueError(f"autocorr upper triangle has {n} values, not nv*(nv+1)/2 for any nv")
+    out = np.zeros((nv, nv), dtype=np.float32)
+    iu = np.triu_indices(nv)
+    out[iu] = flat.astype(np.float32)
+    out.T[iu] = flat.astype(np.float32)
+    return out
