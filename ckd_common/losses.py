@@ -378,9 +378,15 @@ def _sparse_parts(
     kl_k = torch.where(p > 0, p * (lp - log_q_k), torch.zeros_like(p)).sum(-1)
 
     zm = _topk_mask_logits(z, ids, valid)
-    lse_tail = torch.logsumexp(zm, dim=-1)
-    has_tail = torch.isfinite(lse_tail)
-    lse_tail_safe = torch.where(has_tail, lse_tail, torch.zeros_like(lse_tail))
+    # A row whose top-k covers the whole vocabulary has no tail bucket: its masked logits are all
+    # -inf and logsumexp's backward would be exp(-inf - -inf) = NaN even behind a `where`, so such
+    # rows are replaced by zeros before the logsumexp (their tail term is forced to 0 below).
+    has_tail = (zm > float("-inf")).any(-1)
+    if zm.requires_grad:
+        zm = torch.where(has_tail[:, None], zm, torch.zeros_like(zm[:, :1]))
+    else:  # fused kernel (no autograd): in place, to keep one [chunk, V] buffer fewer alive
+        zm.masked_fill_(~has_tail[:, None], 0.0)
+    lse_tail_safe = torch.logsumexp(zm, dim=-1)
     tau = torch.where(has_tail, tail.clamp(0.0, 1.0), torch.zeros_like(tail))
     tau_log = torch.where(tau > 0, tau, torch.ones_like(tau)).log()
     # tau (log tau - log Q_tail), log Q_tail = lse(z outside K) - lse(z): exact even when the
@@ -657,7 +663,8 @@ class _FusedLinearKD(torch.autograd.Function):
     d/dz_j of the per-row terms (q = softmax(z), K = valid top-k ids, s = softmax of z outside K):
         ce:  q_j - [j = y]
         kl:  q_j (P_K + tau) - p_j [j in K] - tau s_j [j not in K],   P_K = sum_{i in K} p_i
-    (the last term is d/dz of -tau log Q_tail; s_j = q_j / Q_tail, computed stably.)
+    (the last term is d/dz of -tau log Q_tail; s_j = q_j / Q_tail, computed stably; rows without
+    a tail bucket have tau = 0, so their placeholder zm row contributes nothing.)
     """
 
     @staticmethod
