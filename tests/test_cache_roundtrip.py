@@ -1,0 +1,176 @@
+"""logit_cache: round trip, plain-zarr reading by FORMAT.md, fsspec stores, batch/pickle access."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import zarr
+
+from ckd_common.targets import SampleTargets, SparseTopK
+from logit_cache import CacheMeta, open_for_training, open_group, to_torch
+from logit_cache.maintenance import compact, info, verify
+from logit_cache.synthetic import make_sample, random_key
+
+VOCAB, K, NV = 1000, 8, 4
+
+
+def meta(enc="f16", **kw):
+    d = dict(teacher_fingerprint="teach", tokenizer_hash="tok", template="qwen2_base", dataset_fingerprint="ds0123456789abcdef",
+             vocab_size=VOCAB, k=K, vision_strategy="full", num_visual_tokens=NV, value_encoding=enc)
+    d.update(kw)
+    return CacheMeta(**d)
+
+
+def fill(root, n, enc="f16", segment_rows=16, salt="", **wkw):
+    g = open_group(root, meta=meta(enc), create=True)
+    samples = [make_sample(i, VOCAB, K, NV, salt=salt) for i in range(n)]
+    with g.writer(segment_rows=segment_rows, **wkw) as w:
+        for s in samples:
+            w.add(s)
+    return g, samples
+
+
+def assert_close(a: SampleTargets, b: SampleTargets, enc: str):
+    assert a.key == b.key
+    for x, y in ((a.text, b.text), (a.visual, b.visual)):
+        if x is None:
+            assert y is None
+            continue
+        np.testing.assert_array_equal(x.ids, y.ids)                       # ids exact
+        assert np.array_equal(np.isneginf(x.logprobs), np.isneginf(y.logprobs))
+        fin = np.isfinite(x.logprobs)
+        # stated encoding error, in probability space (what the loss uses)
+        tol = 2e-3 if enc == "f16" else 1.2e-2
+        np.testing.assert_allclose(np.exp(y.logprobs[fin]), np.exp(x.logprobs[fin]), atol=tol)
+        np.testing.assert_allclose(y.tail, x.tail, atol=1e-3)
+        assert y.logprobs.dtype == np.float32 and y.tail.dtype == np.float32
+    if a.autocorr is None:
+        assert b.autocorr is None
+    else:
+        np.testing.assert_allclose(b.autocorr, a.autocorr, atol=1e-3)
+        np.testing.assert_array_equal(b.autocorr, b.autocorr.T)
+
+
+@pytest.mark.parametrize("enc", ["f16", "q8"])
+def test_round_trip(tmp_path, enc):
+    g, samples = fill(tmp_path / "cache", 40, enc)
+    r = g.reader()
+    assert len(r) == 40 and r.duplicates == 0
+    assert {s.key for s in samples} == g.committed_keys() == set(r.keys())
+    for s in samples:
+        assert_close(s, r.get(s.key), enc)
+    assert any(s.visual is None for s in samples) and any(s.text.num_positions == 0 for s in samples)
+    got = r.get_many([s.key for s in samples[::-1]])
+    for s, t in zip(samples[::-1], got):
+        assert_close(s, t, enc)
+    seq = {t.key: t for t in r.iter_samples()}
+    assert set(seq) == {s.key for s in samples}
+    assert verify(g, progress=False)["samples"] == 40
+
+
+def test_padding_and_exact_ids_wide_vocab(tmp_path):
+    """k larger than the vocabulary: padded entries (id 0, -inf) survive; uint32 ids for a big vocab."""
+    m = meta("q8", vocab_size=200_000, k=6, num_visual_tokens=0, target_kinds=["text"])
+    g = open_group(tmp_path, meta=m, create=True)
+    ids = np.array([[199_999, 150_000, 3, 0, 0, 0]], dtype=np.int64)
+    lp = np.array([[-0.1, -2.5, -7.0, -np.inf, -np.inf, -np.inf]], dtype=np.float32)
+    s = SampleTargets(key=random_key(1), text=SparseTopK(ids, lp, np.array([0.0], np.float32)))
+    with g.writer() as w:
+        w.add(s)
+    t = g.reader().get(s.key)
+    np.testing.assert_array_equal(t.text.ids, ids)
+    assert np.isneginf(t.text.logprobs[0, 3:]).all()
+    np.testing.assert_allclose(t.text.logprobs[0, :3], lp[0, :3], atol=0.05)
+    assert t.visual is None and t.autocorr is None
+
+
+@pytest.mark.parametrize("enc", ["f16", "q8"])
+def test_plain_zarr_read_follows_format_md(tmp_path, enc):
+    """Read a sample with zarr+numpy only, exactly as FORMAT.md §3.3 says, and compare."""
+    root = tmp_path / "cache"
+    g, samples = fill(root, 20, enc, segment_rows=8)
+    r = g.reader()
+    target = samples[13]
+    seg_id, row = r.locate(target.key)
+    # -- plain zarr from here on ---------------------------------------------------------
+    grp = zarr.open_group(f"{root}/qwen2_base__ds0123456789abcd", mode="r")
+    assert grp.attrs["logit_cache"]["format_version"] == 1
+    seg = zarr.open_group(f"{root}/qwen2_base__ds0123456789abcd/segments/{seg_id}", mode="r")
+    assert bytes(seg["keys"][row]).hex() == target.key
+
+    def topk(kind):
+        o = seg[f"{kind}_offsets"][row:row + 2]
+        ids = seg[f"{kind}_ids"][o[0]:o[1]]
+        tail = seg[f"{kind}_tail"][o[0]:o[1]].astype("float32")
+        lp = seg[f"{kind}_lp"][o[0]:o[1]]
+        if enc == "q8":
+            c = np.cumsum(lp, axis=1, dtype=np.uint8)
+            lp = seg[f"{kind}_lp0"][o[0]:o[1]].astype("float32")[:, None] - 32 * (c / 254) ** 2
+            lp[c == 255] = -np.inf
+        return ids, lp.astype("float32"), tail
+
+    ids, lp, tail = topk("text")
+    vids, vlp, vtail = topk("visual")
+    a = seg["autocorr_offsets"][row:row + 2]
+    flat = seg["autocorr"][a[0]:a[1]].astype("float32")
+    nv = int((np.sqrt(8 * len(flat) + 1) - 1) / 2)
+    R = np.zeros((nv, nv), "float32")
+    R[np.triu_indices(nv)] = flat
+    R.T[np.triu_indices(nv)] = flat
+    # -- compare with the project reader ---------------------------------------------------
+    t = r.get(target.key)
+    np.testing.assert_array_equal(ids, t.text.ids)
+    np.testing.assert_allclose(lp, t.text.logprobs, rtol=1e-6)
+    np.testing.assert_array_equal(tail, t.text.tail)
+    np.testing.assert_array_equal(vids, t.visual.ids)
+    np.testing.assert_allclose(vlp, t.visual.logprobs, rtol=1e-6)
+    np.testing.assert_array_equal(R, t.autocorr)
+
+
+def test_fsspec_memory_store_and_sharding(tmp_path):
+    root = "memory://cachetest/3b"
+    g, samples = fill(root, 25, "q8", segment_rows=10, chunk_rows=4, shard_rows=16)
+    r = open_for_training(root, {"dataset_fingerprint": "ds0123456789abcdef", "template": "qwen2_base", "k": K})
+    assert len(r) == 25
+    for s in samples:
+        assert_close(s, r[s.key], "q8")
+    assert verify(g, progress=False)["ok"]
+    assert info(g)["bytes_per_position"] > 0
+
+
+def test_file_url_store(tmp_path):
+    root = f"file://{tmp_path}/c"
+    g, samples = fill(root, 10, "f16")
+    assert len(g.reader()) == 10
+
+
+def test_reader_pickles_and_torch(tmp_path):
+    g, samples = fill(tmp_path, 12, "q8")
+    r = pickle.loads(pickle.dumps(g.reader()))
+    t = to_torch(r.get(samples[0].key))
+    assert t["text_ids"].dtype.is_floating_point is False and str(t["text_logprobs"].dtype) == "torch.float32"
+    assert_close(samples[1], r.get(samples[1].key), "q8")
+
+
+def test_reader_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    g, samples = fill(tmp_path, 30, "f16")
+    r = g.reader()
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(r.get, [s.key for s in samples] * 3))
+    for s, t in zip(samples * 3, got):
+        assert_close(s, t, "f16")
+
+
+def test_compact_merges_atomically(tmp_path):
+    g, samples = fill(tmp_path, 30, "q8", segment_rows=4)
+    assert len(g.committed()) == 8
+    new = compact(g, target_rows=100, progress=False)
+    assert len(new) == 1 and [m.segment for m in g.committed()] == new
+    assert g.committed()[0].replaces and not g.replaced_segments()
+    r = g.reader()
+    assert len(r) == 30 and r.duplicates == 0
+    for s in samples:
+        assert_close(s, r.get(s.key), "q8")
+    assert verify(g, progress=False)["samples"] == 30
