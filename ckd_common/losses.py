@@ -653,34 +653,41 @@ def kd_loss_from_logits(
 # 3. chunked fused student loss
 # --------------------------------------------------------------------------------------------
 class _FusedLinearKD(torch.autograd.Function):
-    """sum_r [ a w_text_r ce_r + (b w_text_r + g w_vis_r) kl_r ] with z_r = h_r W^T, by chunks.
+    """alpha ce + beta kl_text + gamma kl_vis + delta rel from h_rows and W, by chunks of rows.
 
+    KD part: sum_r [alpha w_text_r ce_r + (beta w_text_r + gamma w_vis_r) kl_r], z_r = h_r W^T.
     Liger-Kernel style: the gradient w.r.t. the logits of a chunk is known in closed form, so it is
-    turned into dH (chunk) and dW (accumulated) during the forward and the chunk's logits are
-    freed; the backward only scales the stored dH, dW by grad_output. Peak extra memory is two
-    [chunk, V] float32 buffers + dW [V, d] + dH [M, d], never [M, V].
+    turned into dH (rows of the chunk) and dW (accumulated in place) during the forward and the
+    chunk's logits are freed; the backward only scales the stored dH, dW by grad_output. Memory
+    beyond the inputs: two [chunk, V] buffers + dW [V, d] + dH [M, d], never [M, V], and dW is
+    handed to autograd as the gradient itself (no second W-sized copy).
 
     d/dz_j of the per-row terms (q = softmax(z), K = valid top-k ids, s = softmax of z outside K):
         ce:  q_j - [j = y]
         kl:  q_j (P_K + tau) - p_j [j in K] - tau s_j [j not in K],   P_K = sum_{i in K} p_i
     (the last term is d/dz of -tau log Q_tail; s_j = q_j / Q_tail, computed stably; rows without
     a tail bucket have tau = 0, so their placeholder zm row contributes nothing.)
+
+    rel part: the visual rows of h_rows are the visual spans, so R_S = H_v G H_v^T with
+    G = W^T W is computed here too; its gradient w.r.t. (H_v, G) comes from a small local autograd
+    graph ([Nv, d] and [d, d] tensors) and dW_rel = W (dG + dG^T) is added into the same dW buffer.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, label, ids, logprobs, tail, w_text, w_vis, coefs, chunk_size):
-        alpha, beta, gamma = coefs
+    def forward(ctx, h, weight, gram, label, ids, logprobs, tail, w_text, w_vis, coefs, chunk_size, rel_spec, reusable):
+        alpha, beta, gamma, delta = coefs
         device_type = h.device.type
         if torch.is_autocast_enabled(device_type):
             mm_dtype = torch.get_autocast_dtype(device_type)  # what the model's lm_head would use
         else:
             mm_dtype = torch.promote_types(h.dtype, weight.dtype)
         dt = _compute_dtype(mm_dtype, h.dtype, weight.dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_h or need_w
         with torch.autocast(device_type=device_type, enabled=False):
             w_mm = weight.to(mm_dtype)
-            grad_h = torch.zeros(h.shape, dtype=dt, device=h.device) if ctx.needs_input_grad[0] else None
-            grad_w = torch.zeros(weight.shape, dtype=dt, device=h.device) if ctx.needs_input_grad[1] else None
+            grad_h = torch.zeros(h.shape, dtype=dt, device=h.device) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=dt, device=h.device) if need_w else None
             sums = torch.zeros(3, dtype=dt, device=h.device)  # ce, kl_text, kl_vis (weighted)
             for s in range(0, h.shape[0], chunk_size):
                 e = min(s + chunk_size, h.shape[0])
@@ -711,21 +718,62 @@ class _FusedLinearKD(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[s:e] = (dz_mm @ w_mm).to(dt)
                 if grad_w is not None:
-                    grad_w += (dz_mm.T @ h_c).to(dt)
+                    if dz_mm.dtype == dt:
+                        grad_w.addmm_(dz_mm.T, h_c)  # in place: no [V, d] temporary per chunk
+                    else:
+                        grad_w += (dz_mm.T @ h_c).to(dt)
                 del dz, dz_mm, z
-        ctx.save_for_backward(grad_h, grad_w)
+
+            rel = torch.zeros((), dtype=dt, device=h.device)
+            if rel_spec:  # [(row offset, Nv, teacher R)] for samples with image and autocorr
+                w32 = weight.to(dt)
+                g = (w32.T @ w32) if gram is None else gram.to(dt)
+                with torch.enable_grad():
+                    g_leaf = g.detach().requires_grad_(need_w)
+                    hv = h.detach().to(dt).requires_grad_(need_h)
+                    rel = torch.stack(
+                        [rel_loss(gram_autocorr(hv[o : o + n], gram=g_leaf), r_t, rel_spec.variant) for o, n, r_t in rel_spec]
+                    ).mean()
+                    wanted = [x for x in (hv, g_leaf) if x.requires_grad]
+                    grads = torch.autograd.grad(delta * rel, wanted) if wanted and delta != 0 else [None, None]
+                rel = rel.detach()
+                if need_h and grads[0] is not None:
+                    grad_h += grads[0]
+                if need_w and grads[-1] is not None:
+                    d_g = grads[-1]
+                    grad_w.addmm_(w32, d_g + d_g.T)  # d/dW of <dG, W^T W> = W (dG + dG^T)
+        ctx.grads = (grad_h, grad_w)
+        ctx.reusable = reusable
         ctx.dtypes = (h.dtype, weight.dtype)
-        total = alpha * sums[0] + beta * sums[1] + gamma * sums[2]
+        total = alpha * sums[0] + beta * sums[1] + gamma * sums[2] + delta * rel
         ce, klt, klv = sums.unbind()
-        ctx.mark_non_differentiable(ce, klt, klv)
-        return total, ce, klt, klv
+        ctx.mark_non_differentiable(ce, klt, klv, rel)
+        return total, ce, klt, klv, rel
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else (grad_h * grad_total).to(ctx.dtypes[0])
-        gw = None if grad_w is None else (grad_w * grad_total).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_kd_loss: backward ran twice on one forward; pass reusable_backward=True "
+                "for retain_graph / gradcheck use"
+            )
+        grad_h, grad_w = ctx.grads
+        if ctx.reusable:  # keep the buffers intact for the next call: scaled copies
+            gh = None if grad_h is None else (grad_h * grad_total).to(ctx.dtypes[0])
+            gw = None if grad_w is None else (grad_w * grad_total).to(ctx.dtypes[1])
+        else:
+            ctx.grads = None  # drop our reference so autograd can use dW as W.grad without a copy
+            gh = None if grad_h is None else grad_h.mul_(grad_total).to(ctx.dtypes[0])
+            gw = None if grad_w is None else grad_w.mul_(grad_total).to(ctx.dtypes[1])
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
+
+
+class _RelSpec(list):
+    """[(row offset into h_rows, Nv, teacher R)] plus the rel variant; a list so it is falsy when empty."""
+
+    def __init__(self, items, variant: str):
+        super().__init__(items)
+        self.variant = variant
 
 
 def fused_kd_loss(
@@ -740,6 +788,7 @@ def fused_kd_loss(
     rel_variant: str = "flat",
     visual_len: Sequence[int] | torch.Tensor | None = None,
     gram: torch.Tensor | None = None,
+    reusable_backward: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Student-side LLaVA-KD loss from final hidden states, lm_head fused, chunked over positions.
 
@@ -748,14 +797,16 @@ def fused_kd_loss(
     (-100 = ignored, right padding allowed); targets: BatchTargets (collate_targets) whose text
     rows align with R_b and visual rows with [visual_start[b], visual_start[b] + Nv_b);
     visual_start [B] (ignored for text-only samples); visual_len optional [B] cross-check.
-    gram: optional precomputed lm_head_gram(W) (e.g. cached while W is frozen); by default it is
-    built once per call, only when some sample needs rel.
+    gram: optional precomputed lm_head_gram(W) (e.g. cached while W is frozen); otherwise G = W^T W
+    is built once per call, only when some sample needs rel. The rel gradient still reaches W.
 
     Returns {total, ce, kl_text, kl_vis, rel} with the per-sample averaging of
-    llava_kd_loss_dense. Only ``total`` (and ``rel``) carry gradients: ce / kl_text / kl_vis are
-    detached values for logging, because the fused kernel computes the gradient of the weighted
-    sum alpha ce + beta kl_text + gamma kl_vis during the forward (so no [positions, V] tensor
-    lives until the backward). Logits exist only ``chunk_size`` rows at a time.
+    llava_kd_loss_dense; rel averages over samples with an image and a teacher autocorr.
+    Only ``total`` carries gradients: the other entries are detached values for logging, because
+    the fused kernel computes the gradient of the weighted sum during the forward (so no
+    [positions, V] tensor lives until the backward). By default backward may run once: the
+    stored dW buffer itself becomes W's gradient (no W-sized copy); reusable_backward=True keeps
+    the buffers for retain_graph / gradcheck at the cost of one copy per backward. Logits exist only ``chunk_size`` rows at a time.
     Under autocast the lm_head matmuls run in the autocast dtype; all loss math, the dW
     accumulation and the autocorrelation are float32.
     """
@@ -773,20 +824,20 @@ def fused_kd_loss(
     if rows.ids.numel() and int(rows.ids.max()) >= vocab:
         raise ValueError(f"target id {int(rows.ids.max())} >= student vocab {vocab}")
 
-    if rows.b.numel():
-        h_rows = hidden[rows.b, rows.t]  # [M, d]; index backward scatters dH into hidden
-        total_kd, ce, klt, klv = _FusedLinearKD.apply(
-            h_rows, lm_head_weight, rows.label, rows.ids, rows.logprobs, rows.tail,
-            rows.w_text, rows.w_vis, (alpha, beta, gamma), int(chunk_size),
-        )
-    else:
-        total_kd, ce, klt, klv = zero, zero.detach(), zero.detach(), zero.detach()
-
-    need_rel = any(targets.autocorr[b] is not None for b, _, _ in rows.vis_spans)
-    if need_rel and gram is None:
-        gram = lm_head_gram(lm_head_weight)
-    rel = _rel_term(
-        lambda b, v0, nv: gram_autocorr(hidden[b, v0 : v0 + nv], gram=gram),
-        rows, targets, rel_variant, zero,
+    # visual rows follow the text rows, span after span, in rows.vis_spans order
+    rel_items, offset = [], targets.text_offsets[-1]
+    for b, _v0, nv in rows.vis_spans:
+        r_t = targets.autocorr[b]
+        if r_t is not None:
+            if tuple(r_t.shape) != (nv, nv):
+                raise ValueError(f"sample {b}: teacher autocorr {tuple(r_t.shape)} != ({nv}, {nv})")
+            rel_items.append((offset, nv, r_t.to(hidden.device)))
+        offset += nv
+    if not rows.b.numel():
+        return {"total": zero, "ce": zero.detach(), "kl_text": zero.detach(), "kl_vis": zero.detach(), "rel": zero.detach()}
+    h_rows = hidden[rows.b, rows.t]  # [M, d]; the index backward scatters dH into hidden
+    total, ce, klt, klv, rel = _FusedLinearKD.apply(
+        h_rows, lm_head_weight, gram, rows.label, rows.ids, rows.logprobs, rows.tail,
+        rows.w_text, rows.w_vis, (alpha, beta, gamma, delta), int(chunk_size), _RelSpec(rel_items, rel_variant), bool(reusable_backward),
     )
-    return {"total": total_kd + delta * rel, "ce": ce, "kl_text": klt, "kl_vis": klv, "rel": rel}
+    return {"total": total + zero, "ce": ce, "kl_text": klt, "kl_vis": klv, "rel": rel}

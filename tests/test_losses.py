@@ -416,7 +416,7 @@ def test_fused_gradcheck_float64():
     labels = bt["labels"]
 
     def f(h, w):
-        return fused_kd_loss(h, w, labels, batch, [0, 0], chunk_size=2)["total"]
+        return fused_kd_loss(h, w, labels, batch, [0, 0], chunk_size=2, reusable_backward=True)["total"]
 
     h = bt["hidden"].clone().requires_grad_()
     w = bt["weight"].clone().requires_grad_()
@@ -442,6 +442,16 @@ def test_fused_autocast_bf16_and_no_grad():
     with torch.no_grad():
         ng = fused_kd_loss(h, w, bt["labels"], batch, visual_start(bt), chunk_size=4)
     assert_dicts_close(ng, ref, rtol=0, atol=0)
+
+
+def test_fused_single_backward_guard():
+    bt = make_batch()
+    batch = collate_targets(sample_targets(bt, k=4))
+    h = bt["hidden"].clone().requires_grad_()
+    out = fused_kd_loss(h, bt["weight"], bt["labels"], batch, visual_start(bt))
+    out["total"].backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="reusable_backward"):
+        out["total"].backward()
 
 
 def test_fused_gram_passed_in_equals_built():
