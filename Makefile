@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m ckd_common.demo --workdir runs/demo
+	$(PY) -m deploy.demo --workdir runs/demo
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""``ckd``: models, data and (later) the cascade.
+"""The ``ckd_common`` half of the ``ckd`` command: models and data. (``deploy.cli`` adds the
+cascade and the demo on top, since those drive the server, cache and trainer.)
 
   ckd model init --preset tiny-student|tiny-ta|tiny-teacher --out DIR [--strategy full|patch]
   ckd model convert --tinyllava SRC --out DST
@@ -6,7 +7,6 @@
   ckd model info DIR
   ckd data synth --out DIR [--seed S --n-pretrain N --n-instruct N --n-eval N]
   ckd data prepare --model DIR --data FILE --images DIR --template pretrain|qwen2_base
-  ckd demo [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ from ckd_common.data import DataError
 from ckd_common.model import PRESETS, ModelLoadError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="group", required=True)
-
+def add_common_commands(sub) -> None:
+    """Register ``model`` and ``data`` on an argparse subparsers object."""
     model = sub.add_parser("model", help="create, convert, compose and inspect VLM checkpoints")
     msub = model.add_subparsers(dest="cmd", required=True)
     m = msub.add_parser("init", help="write a tiny random-initialised preset")
@@ -57,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-length", type=int, default=2048)
     d.add_argument("--on-error", default="raise", choices=["raise", "skip"])
 
-    demo = sub.add_parser("demo", help="run the embedded default end to end on CPU")
-    demo.add_argument("--workdir", default="runs/demo")
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_commands(p.add_subparsers(dest="group", required=True))
     return p
 
 
@@ -90,18 +90,22 @@ def run(args: argparse.Namespace) -> int:
             n_resp = sum(len(s.response_positions) for s in ds.samples)
             print(f"{len(ds)} samples, {sum(s.length for s in ds.samples)} tokens, {n_resp} response positions, "
                   f"fingerprint {ds.fingerprint}, skipped {ds.skipped or 0}")
-    elif args.group == "demo":
-        from ckd_common.demo import main as demo_main
-
-        return demo_main(["--workdir", args.workdir])
+    else:
+        raise ValueError(f"unknown command group {args.group!r}")
     return 0
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ckd_common.model import quiet_transformers
+
+    quiet_transformers()
     try:
         return run(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"ckd: error: {e}", file=sys.stderr)
         return 2
 

@@ -353,3 +353,12 @@ def describe(model_dir: str | os.PathLike) -> str:
     info = model_info(model, tok)
     n = sum(p.numel() for p in model.parameters())
     return f"{model_dir}: {n / 1e6:.2f}M params, " + ", ".join(f"{k}={v}" for k, v in info.to_dict().items())
+
+
+def quiet_transformers() -> None:
+    """For command-line entry points: transformers' per-load progress bars and the
+    'torchvision not installed, using the PIL image processor' notice drown our own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,44 @@
+"""``ckd``: the toolkit's umbrella command.
+
+  ckd model init|convert|compose|info ...   (ckd_common)
+  ckd data synth|prepare ...                 (ckd_common)
+  ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ckd_common.cli import USER_ERRORS, add_common_commands
+from ckd_common.cli import run as run_common
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="group", required=True)
+    add_common_commands(sub)
+    demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from ckd_common.model import quiet_transformers
+
+    quiet_transformers()
+    try:
+        if args.group == "demo":
+            from deploy.demo import run_demo
+
+            run_demo(args.workdir, seed=args.seed)
+            return 0
+        return run_common(args)
+    except USER_ERRORS as e:
+        print(f"ckd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
