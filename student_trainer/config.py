@@ -1,0 +1,233 @@
+"""The step table and the typed, validated trainer config.
+
+One trainer runs every step; a step is only configuration (:class:`StepSpec`): which template its
+data uses, which parts train, whether a teacher cache is read, and the recipe defaults
+(LLaVA-KD / TinyLLaVA: DPT/PT lr 1e-3 global batch 256; SFT/DFT/FT lr 2e-5 global batch 128;
+AdamW, cosine, 3% warm-up, weight decay 0, 1 epoch, max length 2048). Every default is
+overridable; ``TrainConfig.resolved()`` fills the step defaults, ``validate()`` reports every
+problem at once (ckd_common.config.ConfigError), and the resolved config is printed at start and
+saved next to every checkpoint as ``student_trainer.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckd_common.config import CommandConfig, ConfigError, path_problems
+
+CONFIG_FILE = "student_trainer.json"
+PARTS = ("vision", "connector", "llm")  # the vision tower is frozen in every step
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    description: str
+    template: str                 # ckd_common.templates name the data is prepared with
+    trainable: tuple[str, ...]    # subset of PARTS
+    uses_teacher: bool            # reads cached targets (KD terms) or CE only
+    lr: float
+    global_batch: int
+
+
+STEPS: dict[str, StepSpec] = {s.name: s for s in (
+    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "pretrain", ("connector",), False, 1e-3, 256),
+    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "pretrain", ("connector",), True, 1e-3, 256),
+    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "qwen2_base", ("connector", "llm"), True, 2e-5, 128),
+)}
+TRAIN_STEPS = ("pt", "ft", "sft")      # `student_trainer train`
+DISTILL_STEPS = ("dpt", "dft")         # `student_trainer distill` (+ 'all' = dpt -> sft -> dft)
+PRECISIONS = ("auto", "fp32", "bf16")
+REL_VARIANTS = ("flat", "column")
+ON_MISSING = ("error", "skip")
+
+
+@dataclass
+class TrainConfig(CommandConfig):
+    """One training step. ``None`` fields take the step's recipe default in ``resolved()``."""
+
+    step: str
+    model: Path
+    data: Path
+    out: Path
+    images: Path | None = None
+    cache: str | None = None               # cache root (path or fsspec URL); DPT/DFT only
+    teacher_fingerprint: str | None = None  # optional extra check of the cache's teacher
+    # optimisation (recipe defaults)
+    lr: float | None = None
+    global_batch: int | None = None
+    micro_batch: int = 4                    # per rank
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_length: int = 2048
+    seed: int = 0
+    # engine
+    zero_stage: int = 2
+    precision: str = "auto"                 # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # loss (alpha ce, beta kl_text, gamma kl_vis, delta rel); None -> 1 with a teacher, 0 without
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    delta: float | None = None
+    rel_variant: str = "flat"
+    chunk_size: int = 256
+    # data
+    group_by_length: bool = True
+    num_workers: int = 2
+    prefetch: int = 4
+    on_missing: str = "error"
+    data_on_error: str = "raise"           # bad records: raise or skip at preparation
+    # checkpoints and feedback
+    save_every: int = 0                     # steps; 0 = final only
+    keep_last: int = 2
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    step_delay: float = 0.0                 # test hook: sleep after each step (to SIGKILL mid-run)
+
+    # -- resolution ----------------------------------------------------------------------------
+    @property
+    def spec(self) -> StepSpec:
+        return STEPS[self.step]
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with paths as Paths and every None default filled from the step table."""
+        if self.step not in STEPS:
+            return self  # validate() reports it
+        spec = STEPS[self.step]
+        kd = 1.0 if spec.uses_teacher else 0.0
+        return dataclasses.replace(
+            self,
+            model=Path(self.model), data=Path(self.data), out=Path(self.out),
+            images=Path(self.images) if self.images is not None else None,
+            lr=spec.lr if self.lr is None else float(self.lr),
+            global_batch=spec.global_batch if self.global_batch is None else int(self.global_batch),
+            alpha=1.0 if self.alpha is None else float(self.alpha),
+            beta=kd if self.beta is None else float(self.beta),
+            gamma=kd if self.gamma is None else float(self.gamma),
+            delta=kd if self.delta is None else float(self.delta),
+            adam_betas=tuple(float(b) for b in self.adam_betas),
+        )
+
+    @property
+    def weights(self) -> tuple[float, float, float, float]:
+        return (self.alpha, self.beta, self.gamma, self.delta)
+
+    # -- validation ----------------------------------------------------------------------------
+    def problems(self, world_size: int | None = None, cuda: bool | None = None) -> list[str]:
+        p: list[str] = []
+        if self.step not in STEPS:
+            p.append(f"step {self.step!r} is unknown; choose one of {sorted(STEPS)}")
+            return p
+        spec = STEPS[self.step]
+        p += path_problems(model=(self.model, "dir"), data=(self.data, "file"))
+        if self.model is not None and Path(self.model).is_dir() and not (Path(self.model) / "config.json").is_file():
+            p.append(f"model: {self.model} has no config.json (expected an HF llava directory)")
+        if self.images is not None and not Path(self.images).is_dir():
+            p.append(f"images: directory {self.images} does not exist")
+        if self.out is None:
+            p.append("out is required")
+        elif Path(self.out).exists() and not Path(self.out).is_dir():
+            p.append(f"out: {self.out} exists and is not a directory")
+        if spec.uses_teacher and not self.cache:
+            p.append(f"step {self.step} distils from cached teacher targets: --cache is required")
+        if not spec.uses_teacher and self.cache:
+            p.append(f"step {self.step} uses no teacher: --cache must not be given (use dpt/dft to distil)")
+        if self.lr is not None and not self.lr > 0:
+            p.append(f"lr must be > 0, got {self.lr}")
+        gb = self.global_batch
+        if gb is not None and gb < 1:
+            p.append(f"global_batch must be >= 1, got {gb}")
+        if self.micro_batch < 1:
+            p.append(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if gb is not None and gb >= 1 and self.micro_batch >= 1:
+            per = self.micro_batch * (world_size or 1)
+            if gb % per:
+                p.append(f"global_batch {gb} must be a multiple of micro_batch {self.micro_batch} x "
+                         f"{world_size or 1} rank(s) = {per}")
+        if not self.epochs > 0:
+            p.append(f"epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            p.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            p.append(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.max_length < 16:
+            p.append(f"max_length must be >= 16, got {self.max_length}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            p.append(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            p.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "bf16":
+            if cuda is False:
+                p.append("precision bf16 needs a GPU; on CPU the trainer runs fp32 (use --precision auto or fp32)")
+            if self.zero_stage == 0:
+                p.append("precision bf16 needs zero_stage >= 1 (DeepSpeed ZeRO-0 with bf16 does not train correctly)")
+        for name in ("alpha", "beta", "gamma", "delta"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                p.append(f"{name} must be >= 0, got {v}")
+            if name != "alpha" and not spec.uses_teacher and v:
+                p.append(f"{name}={v}: step {self.step} has no teacher, only alpha (CE) applies")
+        if self.rel_variant not in REL_VARIANTS:
+            p.append(f"rel_variant must be one of {REL_VARIANTS}, got {self.rel_variant!r}")
+        if self.chunk_size < 1:
+            p.append(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.num_workers < 0:
+            p.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch < 1:
+            p.append(f"prefetch must be >= 1, got {self.prefetch}")
+        if self.on_missing not in ON_MISSING:
+            p.append(f"on_missing must be one of {ON_MISSING}, got {self.on_missing!r}")
+        if self.data_on_error not in ("raise", "skip"):
+            p.append(f"data_on_error must be 'raise' or 'skip', got {self.data_on_error!r}")
+        if self.save_every < 0:
+            p.append(f"save_every must be >= 0 (0 = only the final checkpoint), got {self.save_every}")
+        if self.keep_last < 1:
+            p.append(f"keep_last must be >= 1, got {self.keep_last}")
+        return p
+
+    def validate(self, world_size: int | None = None, cuda: bool | None = None) -> "TrainConfig":
+        probs = self.problems(world_size, cuda)
+        if probs:
+            raise ConfigError(probs, f"student_trainer {self.step} config")
+        return self
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        d = json.loads(Path(path).read_text())
+        d.pop("config", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # fields that may differ between a run and its --resume (everything else must match)
+    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "step_delay",
+                   "save_every", "keep_last")
+
+    def resume_differences(self, saved: "TrainConfig") -> list[str]:
+        a, b = self.to_dict(), saved.to_dict()
+        return [f"{k}: now {a[k]!r}, checkpoint {b.get(k)!r}" for k in a
+                if k not in self.RESUME_FREE and a[k] != b.get(k)]
+
+
+__all__ = ["STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS", "DISTILL_STEPS",
+           "PARTS"]
