@@ -1,5 +1,4 @@
-"""``logit_cache info|verify|ls|gc|compact`` (``fill`` is added by the teacher-server work:
-register it in ``COMMANDS`` with a ``(add_arguments, run)`` pair)."""
+"""``logit_cache fill|info|verify|ls|gc|compact`` (``fill``: see logit_cache/fill.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +7,7 @@ import sys
 from typing import Callable
 
 from .errors import CacheError
+from .fill import add_fill_arguments, run_fill
 from .maintenance import compact, gc, info, verify
 from .meta import CacheMeta
 from .store import list_groups, open_group
@@ -88,7 +88,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "verify": (_group_args, _verify, "checksums, offsets, value ranges; every committed key readable"),
     "gc": (_gc_args, _gc, "remove uncommitted segments of dead writers and replaced segments"),
     "compact": (_compact_args, _compact, "merge small segments into large ones atomically"),
-    # "fill": (...)  -- added with the teacher server
+    "fill": (add_fill_arguments, run_fill, "fill a cache by streaming a dataset through teacher servers"),
 }
 
 
