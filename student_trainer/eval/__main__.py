@@ -1,0 +1,5 @@
+import sys
+
+from student_trainer.eval.cli import main
+
+sys.exit(main())
