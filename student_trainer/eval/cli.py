@@ -103,15 +103,15 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 def score_file(bench: Benchmark, answers_path: Path, annotations: Path, questions_path: Path | None = None,
                out_dir: Path | None = None, allow_partial: bool = False, limit: int | None = None) -> dict:
     """Score one answer file; returns the result record (without the model part)."""
+    if questions_path is None and bench.needs_questions:
+        raise EvalError(f"{bench.name}: scoring needs the question file (--questions, or --data-root with "
+                        f"{bench.questions})")
     answers, bad = read_answers(answers_path, tolerant=bench.name == "vqav2")
     questions = None
     if questions_path is not None:
         questions = read_questions(questions_path, bench.questions)
         if limit is not None:
             questions = questions[:limit]
-    elif bench.needs_questions:
-        raise EvalError(f"{bench.name}: scoring needs the question file (--questions, or --data-root with "
-                        f"{bench.questions})")
     kwargs = {"bad_lines": bad} if bench.name == "vqav2" else {}
     res = bench.scorer.score(answers, annotations, questions=questions, out_dir=out_dir,
                              allow_partial=allow_partial, **kwargs)

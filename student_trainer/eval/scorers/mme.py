@@ -98,8 +98,12 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
         multiline += ("\n" in r["text"]) or ("\t" in r["text"])
         per_cat.setdefault(category, []).append((qid, gt[(category, file, q)], r["text"]))
 
-    subtasks = {}
+    subtasks, dropped = {}, 0
     for category, items in per_cat.items():
+        if len(items) % 2 and allow_partial:  # a truncated file (--limit) may end inside a pair
+            items, dropped = items[:-1], dropped + 1
+            if not items:
+                continue
         if len(items) % 2:
             raise EvalError(f"MME: subtask {category} has an odd number of answers ({len(items)}); every "
                             f"image has two questions")
@@ -127,7 +131,9 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
                         f"(pass --allow-partial to sum the ones present)")
     perception = sum(subtasks[c]["score"] for c in PERCEPTION if c in subtasks)
     cognition = sum(subtasks[c]["score"] for c in COGNITION if c in subtasks)
-    return {"metric": "perception score (max 2000)", "score": perception, "n": sum(len(v) for v in per_cat.values()),
+    return {"metric": "perception score (max 2000)", "score": perception,
+            "n": sum(v["questions"] for v in subtasks.values()),
             "details": {"perception": perception, "perception_percent": perception / 20, "cognition": cognition,
                         "subtasks": subtasks, "missing_perception_subtasks": missing,
-                        "multiline_answers": multiline}}
+                        "multiline_answers": multiline,
+                        "dropped_unpaired": dropped}}

@@ -1,0 +1,221 @@
+"""End to end with a tiny model: generation -> answer file -> score, resume, CLI errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from student_trainer.eval.cli import main
+from student_trainer.eval.common import EvalError
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+    """Only the tiny student (the shared ``tiny_models`` fixture builds three models)."""
+    from ckd_common.model import init_preset, load_vlm
+
+    d = init_preset("tiny-student", tmp_path_factory.mktemp("eval_model") / "tiny-student")
+    return d, load_vlm(d)
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_synth_generate_answer_file_score_and_resume(tiny_student, synth_dir, tmp_path, capsys):
+    from ckd_common.model import model_info
+
+    model_dir, student = tiny_student
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--bench", "synth", "--data-root", str(synth_dir),
+            "--out", str(out), "--batch-size", "8", "--max-new-tokens", "3", "--no-progress"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "synth" in table and "colour" in table and "mean category accuracy" in table
+    answers = out / "synth" / "answers.jsonl"
+    recs = _lines(answers)
+    questions = [json.loads(x) for x in (synth_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [q["question_id"] for q in questions]
+    assert all(r["prompt"] == q["text"] and isinstance(r["text"], str) for r, q in zip(recs, questions))
+    fp = model_info(*student).fingerprint
+    res = json.loads((out / "results.json").read_text())["benchmarks"]["synth"]
+    assert res["model"]["fingerprint"] == fp and recs[0]["metadata"]["model_fingerprint"] == fp
+    assert res["bench"] == "synth" and res["scorer_version"] == "synth/1"
+    assert res["prompt_version"] and res["template"] == "qwen2_base" and res["max_new_tokens"] == 3
+    assert res["n"] == len(questions) and set(res["details"]["categories"]) == {q["category"] for q in questions}
+    assert res["generation"] == {"resumed": 0, "generated": len(questions), "total": len(questions)}
+
+    # resume: a torn last line is regenerated, complete lines are kept as they are
+    raw = answers.read_text()
+    kept = raw.splitlines(keepends=True)[:-1]
+    answers.write_text("".join(kept) + raw.splitlines()[-1][:15])
+    assert main(args) == 0
+    capsys.readouterr()
+    assert answers.read_text() == raw
+    res2 = json.loads((out / "synth" / "result.json").read_text())
+    assert res2["generation"]["resumed"] == len(questions) - 1 and res2["generation"]["generated"] == 1
+    assert res2["score"] == res["score"]
+
+    # scoring only, from the answer file, gives the same number
+    assert main(["score", "--bench", "synth", "--answers", str(answers), "--annotations",
+                 str(synth_dir / "eval.jsonl"), "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "synth_result.json").read_text())
+    assert scored["score"] == res["score"] and scored["model"]["fingerprint"] == fp
+
+    # another model may not append to this answer file
+    answers.write_text(raw.replace(fp, "0" * 32))
+    assert main(args) == 2
+    assert "was written by model" in capsys.readouterr().err
+
+
+def test_batching_and_text_only_questions(tiny_student, synth_dir, tmp_path):
+    from student_trainer.eval.generate import Generator, Item
+
+    gen = Generator.__new__(Generator)  # reuse the session's loaded model
+    import torch
+
+    from ckd_common.model import model_info
+    from ckd_common.templates import get_template
+
+    student = tiny_student[1]
+    gen.torch, (gen.model, gen.tok) = torch, student
+    gen.model_dir, gen.device, gen.dtype = "tiny", "cpu", torch.float32
+    gen.info, gen.template = model_info(*student), get_template("qwen2_base")
+    gen.eos_id, gen.pad_id = gen.tok.eos_token_id, gen.tok.pad_token_id
+    questions = [json.loads(x) for x in (synth_dir / "eval.jsonl").read_text().splitlines()][:5]
+    items = [Item(q["question_id"], q["text"], q["text"], synth_dir / "images" / q["image"] if i % 2 == 0 else None)
+             for i, q in enumerate(questions[:3])]
+    enc = gen.encode(items[0].question, True)
+    assert enc.count(gen.info.image_token_id) == gen.info.num_visual_tokens
+    assert gen.encode(items[1].question, False).count(gen.info.image_token_id) == 0
+    batched = gen.generate(items, max_new_tokens=3)
+    single = [gen.generate([it], max_new_tokens=3)[0] for it in items]
+    assert batched == single and len(batched) == 3
+
+
+def _fake_sqa(root, synth_dir):
+    """A tiny ScienceQA in the LLaVA layout: llava_test_CQM-A.json + problems.json + pid_splits.json."""
+    sqa = root / "scienceqa"
+    (sqa / "images" / "test").mkdir(parents=True)
+    img = sorted((synth_dir / "images").glob("ev_*.png"))[0]
+    shutil.copy(img, sqa / "images" / "test" / "q1.png")
+    conv = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "A"}]  # noqa: E731
+    (sqa / "llava_test_CQM-A.json").write_text(json.dumps([
+        {"id": "1", "image": "q1.png", "conversations": conv("<image>\nWhich shape?\nA. square\nB. circle")},
+        {"id": "2", "conversations": conv("How many corners has a square?\nA. 4\nB. 3")},
+    ]))
+    (sqa / "problems.json").write_text(json.dumps({"1": {"choices": ["square", "circle"], "answer": 0},
+                                                   "2": {"choices": ["4", "3"], "answer": 0}}))
+    (sqa / "pid_splits.json").write_text(json.dumps({"test": ["1", "2"]}))
+
+
+def test_sqa_end_to_end_prompt_conventions(tiny_student, synth_dir, tmp_path, capsys):
+    _fake_sqa(tmp_path / "data", synth_dir)
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_student[0]), "--bench", "sqa", "--data-root",
+                 str(tmp_path / "data"), "--out", str(out), "--max-new-tokens", "3", "--no-progress"]) == 0
+    recs = _lines(out / "sqa" / "answers.jsonl")
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    assert recs[0]["prompt"] == "<image>\nWhich shape?\nA. square\nB. circle" + suffix   # as model_vqa_science
+    assert recs[1]["prompt"] == "How many corners has a square?\nA. 4\nB. 3" + suffix    # text-only question
+    res = json.loads((out / "sqa" / "result.json").read_text())
+    assert res["details"]["img_total"] == 1 and res["details"]["total"] == 2
+    assert res["max_new_tokens"] == 3 and res["scorer_version"] == "sqa/1"
+
+
+def test_missing_inputs_name_the_file_and_layout(tmp_path, capsys):
+    rc = main(["--model", str(tmp_path / "model"), "--bench", "gqa", "--data-root", str(tmp_path),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "llava_gqa_testdev_balanced.jsonl" in err and "expected layout" in err
+    assert main(["--model", "x", "--bench", "nope", "--data-root", str(tmp_path), "--out", "o"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    assert main(["score", "--bench", "pope", "--answers", str(tmp_path / "a.jsonl"),
+                 "--annotations", str(tmp_path)]) == 2
+    assert "question file" in capsys.readouterr().err
+
+
+def test_add_eval_parser_registers_on_a_parent_cli():
+    import argparse
+
+    from student_trainer.eval.cli import add_eval_parser, run_eval
+
+    parser = argparse.ArgumentParser(prog="student_trainer")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["eval", "--model", "m", "--bench", "paper", "--data-root", "d", "--out", "o"])
+    assert a.func is run_eval and a.action == "run" and a.bench == "paper"
+    a = parser.parse_args(["eval", "score", "--bench", "gqa", "--answers", "f.jsonl", "--annotations", "x.json"])
+    assert a.action == "score" and a.answers == "f.jsonl"
+    with pytest.raises(EvalError):
+        from student_trainer.eval.cli import _benches
+
+        _benches("gqa,unknown")
+
+
+def _fake_llava_root(root, synth_dir):
+    """Two to four questions per benchmark, in the LLaVA-1.5 layout, with hand-made annotations."""
+    img = sorted((synth_dir / "images").glob("ev_*.png"))[0]
+    s = "\nAnswer the question using a single word or phrase."
+
+    def put(rel, name):
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        shutil.copy(img, root / rel / name)
+
+    def jsonl(rel, recs):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    put("vqav2/test2015", "v.jpg")
+    jsonl("vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", [{"question_id": 11, "image": "v.jpg", "text": "What?" + s}])
+    jsonl("vqav2/llava_vqav2_mscoco_test2015.jsonl", [{"question_id": i, "image": "v.jpg", "text": "q"} for i in (10, 11)])
+    put("gqa/images", "g.jpg")
+    jsonl("gqa/llava_gqa_testdev_balanced.jsonl", [{"question_id": "g1", "image": "g.jpg", "text": "Is it red?" + s}])
+    (root / "gqa/testdev_balanced_questions.json").write_text(json.dumps({"g1": {"answer": "yes", "isBalanced": True}}))
+    put("textvqa/train_images", "t.jpg")
+    jsonl("textvqa/llava_textvqa_val_v051_ocr.jsonl", [
+        {"question_id": "t", "image": "t.jpg", "text": "What brand?\nReference OCR token: ACME" + s}])
+    (root / "textvqa/TextVQA_0.5.1_val.json").write_text(json.dumps(
+        {"data": [{"image_id": "t", "question": "What brand?", "answers": ["acme"] * 10}]}))
+    put("MME/MME_Benchmark_release_version/existence", "000.png")
+    (root / "MME/MME_Benchmark_release_version/existence/000.txt").write_text(
+        "Is there a dog? Please answer yes or no.\tYes\nIs there a cat? Please answer yes or no.\tNo\n")
+    jsonl("MME/llava_mme.jsonl", [{"question_id": "existence/000.png", "image": "existence/000.png",
+                                   "text": q + s, "category": "existence"} for q in ("Is there a dog?", "Is there a cat?")])
+    put("pope/val2014", "p.jpg")
+    (root / "pope/coco").mkdir(parents=True)
+    (root / "pope/coco/coco_pope_random.json").write_text("".join(
+        json.dumps({"question_id": i, "image": "p.jpg", "text": "Is there a dog?", "label": lab}) + "\n"
+        for i, lab in ((1, "yes"), (2, "no"))))
+    jsonl("pope/llava_pope_test.jsonl", [{"question_id": i, "image": "p.jpg", "text": "Is there a dog?" + s,
+                                          "category": "random"} for i in (1, 2)])
+    put("MMMU/all_images", "m.png")
+    (root / "MMMU/anns_for_eval.json").write_text(json.dumps([
+        {"id": "validation_Math_1", "question_type": "multiple-choice", "all_choices": ["A", "B"],
+         "index2ans": {"A": "1", "B": "2"}, "image": "m.png",
+         "prompt": "1+1?\n(A) 1\n(B) 2\nAnswer with the option's letter from the given choices directly."},
+        {"id": "validation_Math_2", "question_type": "open", "all_choices": [], "index2ans": {},
+         "prompt": "Two images: how many? Answer the question using a single word or phrase."}]))
+    (root / "MMMU/answer_dict_val.json").write_text(json.dumps({
+        "validation_Math_1": {"question_type": "multiple-choice", "ground_truth": "B"},
+        "validation_Math_2": {"question_type": "open", "ground_truth": "2"}}))
+    _fake_sqa(root, synth_dir)
+
+
+def test_all_paper_benchmarks_run_on_the_llava_layout(tiny_student, synth_dir, tmp_path, capsys):
+    _fake_llava_root(tmp_path / "data", synth_dir)
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_student[0]), "--bench", "paper", "--data-root", str(tmp_path / "data"),
+                 "--out", str(out), "--max-new-tokens", "2", "--batch-size", "4", "--no-progress",
+                 "--allow-partial"]) == 0   # MME/POPE here hold one subtask/split only
+    table = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["benchmarks"]
+    assert set(results) == {"vqav2", "gqa", "textvqa", "sqa", "mme", "pope", "mmmu"}
+    for name, r in results.items():
+        assert name in table and r["model"]["fingerprint"] and r["scorer_version"].startswith(name)
+    assert results["vqav2"]["score"] is None
+    upload = json.loads((out / "vqav2" / "vqav2_test-dev_upload.json").read_text())
+    assert [u["question_id"] for u in upload] == [10, 11] and upload[0]["answer"] == ""
+    mmmu_recs = _lines(out / "mmmu" / "answers.jsonl")
+    assert mmmu_recs[1]["text"] == "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"   # no image: not generated
+    assert results["mme"]["details"]["subtasks"]["existence"]["questions"] == 2
