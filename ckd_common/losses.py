@@ -89,7 +89,8 @@ def _zero_like_graph(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A scalar 0 that is attached to ``t``'s graph without touching its values.
 
     ``t.reshape(-1)[:0].sum()`` is an empty sum: exactly 0 even if t holds inf/NaN, and calling
-    backward through it gives t a zero gradient instead of raising "does not require grad"."""
+    backward through it gives t a zero gradient instead of raising "does not require grad".
+    Its backward materialises a t-sized zero gradient, so it is only used where a term is empty."""
     return t.reshape(-1)[:0].sum().to(dtype)
 
 
@@ -635,10 +636,12 @@ def kd_loss_from_logits(
     ce_r = torch.where(valid_label, ce_r, torch.zeros_like(ce_r))
     kl_r = sparse_kl(zr, rows.ids, rows.logprobs, rows.tail)
     out = {
-        "ce": (rows.w_text * ce_r).sum() + zero,
-        "kl_text": (rows.w_text * kl_r).sum() + zero,
-        "kl_vis": (rows.w_vis * kl_r).sum() + zero,
+        "ce": (rows.w_text * ce_r).sum(),
+        "kl_text": (rows.w_text * kl_r).sum(),
+        "kl_vis": (rows.w_vis * kl_r).sum(),
     }
+    if not rows.b.numel():  # an empty sum is detached from z: attach it (see _zero_like_graph)
+        out = {k: v + zero for k, v in out.items()}
 
     def student_R(b, v0, nv):
         zv = z[b, v0 : v0 + nv]
@@ -784,7 +787,7 @@ def fused_kd_loss(
     visual_start: Sequence[int] | torch.Tensor | None = None,
     *,
     weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    chunk_size: int = 256,
+    chunk_size: int = 128,
     rel_variant: str = "flat",
     visual_len: Sequence[int] | torch.Tensor | None = None,
     gram: torch.Tensor | None = None,
@@ -820,7 +823,6 @@ def fused_kd_loss(
     vocab = lm_head_weight.shape[0]
     dt = _compute_dtype(hidden.dtype, lm_head_weight.dtype)
     rows = _build_rows(labels, targets, visual_start, visual_len, dt)
-    zero = _zero_like_graph(hidden, dt) + _zero_like_graph(lm_head_weight, dt)
     if rows.ids.numel() and int(rows.ids.max()) >= vocab:
         raise ValueError(f"target id {int(rows.ids.max())} >= student vocab {vocab}")
 
@@ -834,10 +836,11 @@ def fused_kd_loss(
             rel_items.append((offset, nv, r_t.to(hidden.device)))
         offset += nv
     if not rows.b.numel():
+        zero = _zero_like_graph(hidden, dt) + _zero_like_graph(lm_head_weight, dt)
         return {"total": zero, "ce": zero.detach(), "kl_text": zero.detach(), "kl_vis": zero.detach(), "rel": zero.detach()}
     h_rows = hidden[rows.b, rows.t]  # [M, d]; the index backward scatters dH into hidden
     total, ce, klt, klv, rel = _FusedLinearKD.apply(
         h_rows, lm_head_weight, gram, rows.label, rows.ids, rows.logprobs, rows.tail,
         rows.w_text, rows.w_vis, (alpha, beta, gamma, delta), int(chunk_size), _RelSpec(rel_items, rel_variant), bool(reusable_backward),
     )
-    return {"total": total + zero, "ce": ce, "kl_text": klt, "kl_vis": klv, "rel": rel}
+    return {"total": total, "ce": ce, "kl_text": klt, "kl_vis": klv, "rel": rel}
