@@ -47,28 +47,22 @@ class CacheReader:
 
         flat = sync(load_all()) if arrays else []
         self.offsets: list[dict[str, np.ndarray]] = []
-        index: dict[bytes, int] = {}
-        seg_of, row_of = [], []
-        self.duplicates = 0
+        key_blocks, seg_of, row_of = [], [], []
         for si in range(len(arrays)):
             keys, *offs = flat[si * len(names):(si + 1) * len(names)]
             self.offsets.append(dict(zip(names[1:], offs)))
-            b = np.ascontiguousarray(keys).tobytes()
-            n = len(keys)
-            base = len(seg_of)
-            added = 0
-            for r in range(n):
-                kb = b[r * KEY_BYTES:(r + 1) * KEY_BYTES]
-                if kb in index:
-                    self.duplicates += 1
-                    continue
-                index[kb] = base + added
-                added += 1
-                row_of.append(r)
-            seg_of.extend([si] * added)
-        self._index = index
-        self._seg = np.asarray(seg_of, dtype=np.int32)
-        self._row = np.asarray(row_of, dtype=np.int64)
+            key_blocks.append(np.ascontiguousarray(keys, dtype=np.uint8).reshape(-1, KEY_BYTES))
+            seg_of.append(np.full(len(keys), si, dtype=np.int32))
+            row_of.append(np.arange(len(keys), dtype=np.int64))
+        allkeys = np.concatenate(key_blocks) if key_blocks else np.zeros((0, KEY_BYTES), np.uint8)
+        b = allkeys.tobytes()
+        n = len(allkeys)
+        kb = [b[i:i + KEY_BYTES] for i in range(0, n * KEY_BYTES, KEY_BYTES)]
+        # built from the end so that the FIRST occurrence (smallest segment id) of a duplicate wins
+        self._index: dict[bytes, int] = dict(zip(reversed(kb), range(n - 1, -1, -1)))
+        self.duplicates = n - len(self._index)
+        self._seg = np.concatenate(seg_of) if seg_of else np.zeros(0, np.int32)
+        self._row = np.concatenate(row_of) if row_of else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self._index)

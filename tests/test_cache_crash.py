@@ -135,3 +135,23 @@ def test_verify_detects_corruption(tmp_path, target):
     with pytest.raises(CacheCorruptError) as ei:
         verify(g, progress=False)
     assert seg in str(ei.value)
+
+
+def test_racing_fillers_duplicates_resolved(tmp_path):
+    """Two fillers that both wrote the same keys: readers see each key once (first segment wins),
+    verify reports the duplicates, compact removes them."""
+    from logit_cache.maintenance import compact
+    g = open_group(tmp_path, meta=CacheMeta(**META), create=True)
+    for lo, hi in ((0, 12), (6, 18)):
+        with g.writer() as w:
+            for i in range(lo, hi):
+                w.add(make_sample(i))
+    r = g.reader()
+    assert len(r) == 18 and r.duplicates == 6
+    assert r.locate(make_sample(8).key)[0] == g.committed()[0].segment
+    rep = verify(g, progress=False)
+    assert rep["duplicates"] == 6 and rep["unique_keys"] == 18
+    compact(g, target_rows=100, progress=False)
+    r = g.reader()
+    assert len(r) == 18 and r.duplicates == 0 and len(g.committed()) == 1
+    assert verify(g, progress=False)["duplicates"] == 0
