@@ -134,6 +134,10 @@ def test_missing_inputs_name_the_file_and_layout(tmp_path, capsys):
     assert main(["score", "--bench", "pope", "--answers", str(tmp_path / "a.jsonl"),
                  "--annotations", str(tmp_path)]) == 2
     assert "question file" in capsys.readouterr().err
+    (tmp_path / "eval.jsonl").write_text("")
+    assert main(["--model", str(tmp_path / "no-model"), "--bench", "synth", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no-model" in capsys.readouterr().err
 
 
 def test_add_eval_parser_registers_on_a_parent_cli():

@@ -224,10 +224,14 @@ def _score(args) -> int:
 
 def run_eval(args) -> int:
     """Entry point for ``student_trainer eval`` (returns an exit code; errors print one line)."""
+    from ckd_common.data import DataError
+    from ckd_common.model import ModelLoadError
+    from ckd_common.templates import TemplateError
+
     try:
         return _score(args) if args.action == "score" else _run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EvalError, DataError, ModelLoadError, TemplateError) as e:
+        print(f"student_trainer eval: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -52,6 +52,8 @@ def _question_text(rec: dict, bench: Benchmark) -> str:
 
 def load_items(bench: Benchmark, question_file: Path, image_root: Path, limit: int | None = None) -> list[Item]:
     recs = read_questions(question_file, bench.questions)
+    if not recs:
+        raise EvalError(f"{bench.name}: question file {question_file} has no questions")
     if limit is not None:
         recs = recs[:limit]
     items = []
