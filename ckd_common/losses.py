@@ -677,7 +677,8 @@ class _FusedLinearKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, gram, label, ids, logprobs, tail, w_text, w_vis, coefs, chunk_size, rel_spec, reusable):
+    def forward(ctx, h, weight, gram, label, ids, logprobs, tail, w_text, w_vis, coefs, chunk_size, rel_spec, reusable,
+                grad_mode):
         alpha, beta, gamma, delta = coefs
         device_type = h.device.type
         if torch.is_autocast_enabled(device_type):
@@ -685,7 +686,8 @@ class _FusedLinearKD(torch.autograd.Function):
         else:
             mm_dtype = torch.promote_types(h.dtype, weight.dtype)
         dt = _compute_dtype(mm_dtype, h.dtype, weight.dtype)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores torch.no_grad(); grad_mode is the caller's is_grad_enabled()
+        need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         with torch.autocast(device_type=device_type, enabled=False):
             w_mm = weight.to(mm_dtype)
@@ -768,7 +770,7 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.grads = None  # drop our reference so autograd can use dW as W.grad without a copy
             gh = None if grad_h is None else grad_h.mul_(grad_total).to(ctx.dtypes[0])
             gw = None if grad_w is None else grad_w.mul_(grad_total).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _RelSpec(list):
@@ -842,5 +844,6 @@ def fused_kd_loss(
     total, ce, klt, klv, rel = _FusedLinearKD.apply(
         h_rows, lm_head_weight, gram, rows.label, rows.ids, rows.logprobs, rows.tail,
         rows.w_text, rows.w_vis, (alpha, beta, gamma, delta), int(chunk_size), _RelSpec(rel_items, rel_variant), bool(reusable_backward),
+        torch.is_grad_enabled(),
     )
     return {"total": total, "ce": ce, "kl_text": klt, "kl_vis": klv, "rel": rel}

@@ -365,6 +365,20 @@ def test_fused_equals_dense_from_full_topk_equals_reference(variant):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_fused_with_larger_teacher_vocab_equals_reference():
+    """A 7B-style teacher with extra vocabulary rows: targets restricted to the common vocabulary."""
+    bt = make_batch()
+    vocab = bt["weight"].shape[0]
+    g = torch.Generator().manual_seed(11)
+    bt["t_weight"] = torch.cat([bt["t_weight"], torch.randn(4, bt["t_weight"].shape[1], generator=g, dtype=torch.float64) * 3])
+    batch = collate_targets(sample_targets(bt, k=vocab, vocab_limit=vocab))
+    assert int(batch.text_ids.max()) < vocab and int(batch.vis_ids.max()) < vocab
+    fused = fused_kd_loss(bt["hidden"], bt["weight"], bt["labels"], batch, visual_start(bt), chunk_size=6)
+    zt = bt["t_hidden"] @ bt["t_weight"].T  # [B, L, V + 4]
+    ref = llava_kd_loss_dense(bt["hidden"] @ bt["weight"].T, zt, bt["labels"], bt["visual_mask"])
+    assert_dicts_close(fused, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
 @pytest.mark.parametrize("k", [3, 19])
 def test_fused_matches_dense_path_float32_values_and_grads(chunk, k):
