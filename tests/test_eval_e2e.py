@@ -70,28 +70,30 @@ def test_synth_generate_answer_file_score_and_resume(tiny_student, synth_dir, tm
 
 
 def test_batching_and_text_only_questions(tiny_student, synth_dir, tmp_path):
-    from student_trainer.eval.generate import Generator, Item
-
-    gen = Generator.__new__(Generator)  # reuse the session's loaded model
+    """Left-padded batches (mixed lengths, with and without image) give the per-question scores."""
     import torch
 
-    from ckd_common.model import model_info
-    from ckd_common.templates import get_template
+    from student_trainer.eval.generate import Generator, Item
 
-    student = tiny_student[1]
-    gen.torch, (gen.model, gen.tok) = torch, student
-    gen.model_dir, gen.device, gen.dtype = "tiny", "cpu", torch.float32
-    gen.info, gen.template = model_info(*student), get_template("qwen2_base")
-    gen.eos_id, gen.pad_id = gen.tok.eos_token_id, gen.tok.pad_token_id
-    questions = [json.loads(x) for x in (synth_dir / "eval.jsonl").read_text().splitlines()][:5]
-    items = [Item(q["question_id"], q["text"], q["text"], synth_dir / "images" / q["image"] if i % 2 == 0 else None)
-             for i, q in enumerate(questions[:3])]
-    enc = gen.encode(items[0].question, True)
-    assert enc.count(gen.info.image_token_id) == gen.info.num_visual_tokens
+    gen = Generator(tiny_student[0])
+    questions = [json.loads(x) for x in (synth_dir / "eval.jsonl").read_text().splitlines()][:3]
+    items = [Item(q["question_id"], q["text"] + " Think." * i, q["text"],
+                  synth_dir / "images" / q["image"] if i != 1 else None) for i, q in enumerate(questions)]
+    assert gen.encode(items[0].question, True).count(gen.info.image_token_id) == gen.info.num_visual_tokens
     assert gen.encode(items[1].question, False).count(gen.info.image_token_id) == 0
+    generate, scores = gen.model.generate, []
+
+    def with_scores(**kw):
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1))
+        return out.sequences
+
+    gen.model.generate = with_scores
     batched = gen.generate(items, max_new_tokens=3)
     single = [gen.generate([it], max_new_tokens=3)[0] for it in items]
     assert batched == single and len(batched) == 3
+    for i in range(3):
+        torch.testing.assert_close(scores[0][i], scores[1 + i][0], atol=1e-4, rtol=1e-4)
 
 
 def _fake_sqa(root, synth_dir):
