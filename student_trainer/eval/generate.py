@@ -186,7 +186,7 @@ def run_generation(gen: Generator, items: list[Item], answers_path: Path, max_ne
     done = _resume(answers_path, items, gen.fingerprint)
     model_id = model_id or Path(gen.model_dir).name
     todo = items[done:]
-    chunk = max(1, batch_size) * 4
+    chunk = max(1, batch_size) * 8  # sorted by length inside; the unit of resumption
     bar = tqdm(total=len(items), initial=done, desc=desc or "generate", unit="q", disable=not progress)
     with open(answers_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), chunk):
