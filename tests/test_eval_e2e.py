@@ -202,7 +202,8 @@ def _fake_llava_root(root, synth_dir):
          "prompt": "1+1?\n(A) 1\n(B) 2\nAnswer with the option's letter from the given choices directly."},
         {"id": "validation_Math_2", "question_type": "open", "all_choices": [], "index2ans": {},
          "prompt": "Two images: how many? Answer the question using a single word or phrase."}]))
-    (root / "MMMU/answer_dict_val.json").write_text(json.dumps({
+    (root / "MMMU/eval").mkdir()
+    (root / "MMMU/eval/answer_dict_val.json").write_text(json.dumps({
         "validation_Math_1": {"question_type": "multiple-choice", "ground_truth": "B"},
         "validation_Math_2": {"question_type": "open", "ground_truth": "2"}}))
     _fake_sqa(root, synth_dir)

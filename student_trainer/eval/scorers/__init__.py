@@ -47,7 +47,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "MME/MME_Benchmark_release_version", suffix=SHORT_ANSWER_SUFFIX),
     Benchmark("pope", pope, "pope/llava_pope_test.jsonl", "pope/val2014", "pope/coco",
               suffix=SHORT_ANSWER_SUFFIX, needs_questions=True),
-    Benchmark("mmmu", mmmu, "MMMU/anns_for_eval.json", "MMMU/all_images", "MMMU/answer_dict_val.json",
+    Benchmark("mmmu", mmmu, "MMMU/anns_for_eval.json", "MMMU/all_images", "MMMU/eval/answer_dict_val.json",
               needs_questions=True),
     Benchmark("synth", synth, "synth/eval.jsonl", "synth/images", "synth/eval.jsonl"),
 )}

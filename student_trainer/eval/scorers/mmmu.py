@@ -21,6 +21,9 @@ then ``main_eval_only.py`` scores against ``answer_dict_val.json``).
   per-domain accuracies are in the details. As in the TinyLLaVA/LLaVA-KD generation script,
   questions without an ``image`` (multi-image questions) are not generated: their text is left
   empty (-> random letter for multiple choice) or "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS".
+- Answer files written by TinyLLaVA/LLaVA-KD already hold the parsed letter for multiple choice;
+  re-parsing a letter is idempotent and draws no random number, so they score the same here.
+- Generation uses the benchmark-wide 128-token limit; LLaVA-KD's script allows 1024.
 """
 from __future__ import annotations
 
@@ -150,7 +153,7 @@ def subject_of(qid: str) -> str:
 
 
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False) -> dict:
-    gt = read_json(annotations, "MMMU ground truth", "MMMU/answer_dict_val.json ({id: {question_type, ground_truth}})")
+    gt = read_json(annotations, "MMMU ground truth", "MMMU/eval/answer_dict_val.json ({id: {question_type, ground_truth}})")
     if questions is None:
         raise EvalError("MMMU: the question file (anns_for_eval.json, with all_choices / index2ans) is needed to "
                         "parse multiple-choice answers; pass --questions")
