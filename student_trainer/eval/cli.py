@@ -117,6 +117,7 @@ def score_file(bench: Benchmark, answers_path: Path, annotations: Path, question
                              allow_partial=allow_partial, **kwargs)
     meta = next((a.get("metadata") for a in answers if isinstance(a.get("metadata"), dict)), None) or {}
     partial = bool(allow_partial and questions is not None and len(answers) < len(questions))
+    partial = partial or bool(res["details"].get("missing")) or bool(res["details"].get("missing_perception_subtasks"))
     return {"bench": bench.name, "metric": res["metric"], "score": res["score"], "n": res["n"],
             "partial": partial or bool(limit), "details": res["details"], "files": res.get("files", {}),
             "scorer_version": bench.scorer_version, "official_script": bench.official,
