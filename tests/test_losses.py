@@ -458,6 +458,19 @@ def test_fused_autocast_bf16_and_no_grad():
     assert_dicts_close(ng, ref, rtol=0, atol=0)
 
 
+def test_fused_frozen_head_with_cached_gram():
+    """DPT-like: lm_head frozen, G cached once; the gradient w.r.t. hidden still matches."""
+    bt = make_batch()
+    batch = collate_targets(sample_targets(bt, k=5))
+    h = bt["hidden"].clone().requires_grad_()
+    gram = lm_head_gram(bt["weight"])
+    fused = fused_kd_loss(h, bt["weight"], bt["labels"], batch, visual_start(bt), gram=gram, chunk_size=4)
+    (g1,) = torch.autograd.grad(fused["total"], (h,))
+    dense = kd_loss_from_logits(h @ bt["weight"].T, bt["labels"], batch, visual_start(bt))
+    (g2,) = torch.autograd.grad(dense["total"], (h,))
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_single_backward_guard():
     bt = make_batch()
     batch = collate_targets(sample_targets(bt, k=4))
