@@ -101,7 +101,7 @@ def run_config(samples, positions, raw_bytes, vocab, k, nv, enc, chunk_rows, sha
                      num_visual_tokens=nv, value_encoding=enc)
     g = open_group(root, meta=meta, create=True)
     t0 = time.perf_counter()
-    with g.writer(segment_rows=128, chunk_rows=chunk_rows, shard_rows=shard_rows, clevel=clevel) as w:
+    with g.writer(segment_rows=512, chunk_rows=chunk_rows, shard_rows=shard_rows, clevel=clevel) as w:
         for s in samples:
             w.add(s)
     wt = time.perf_counter() - t0

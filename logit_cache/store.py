@@ -7,6 +7,7 @@ and atomically. Readers list manifests, never segment directories.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 from ckd_common.keys import KEY_HEX_CHARS
 from ckd_common.targets import SampleTargets, SparseTopK
@@ -317,8 +319,12 @@ def open_group(root: str | os.PathLike, name: str | None = None, meta: CacheMeta
             raise ValueError(f"creating group '{name}' needs a CacheMeta")
         # the metadata goes into the group's first (atomic) zarr.json write: a concurrent filler
         # never sees a group without it
-        st.zgroup(name, mode="a", attributes={ATTR_KEY: meta.to_dict()})
-        st.zgroup(name, SEGMENTS, mode="a")
+        for parts, kw in (((name,), {"attributes": {ATTR_KEY: meta.to_dict()}}), ((name, SEGMENTS), {})):
+            try:
+                st.zgroup(*parts, mode="a", **kw)
+            except Exception:  # noqa: BLE001 - another filler created it between zarr's check and write
+                if not st.exists(*parts, "zarr.json"):
+                    raise
     group = CacheGroup(st, name)
     if meta is not None:
         group.meta.check_compatible(meta, where=st.url(name))
@@ -400,7 +406,7 @@ class CacheGroup:
         seg = new_segment_id()
         g = self.storage.zgroup(self.name, SEGMENTS, seg, mode="w-", attributes={
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": _now()}})
-        info = {}
+        info, pending = {}, []
         for name in array_names(self.meta):
             a = arrays[name]
             if a.ndim == 1:
@@ -416,8 +422,13 @@ class CacheGroup:
             z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
                                compressors=compressor(str(a.dtype), clevel), fill_value=0)
             if a.size:
-                z[...] = a
+                pending.append((z, a))
             info[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha(a)}
+
+        async def write_all() -> None:  # every array's chunks compressed and written concurrently
+            await asyncio.gather(*(z.async_array.setitem(..., a) for z, a in pending))
+
+        sync(write_all())
         m = Manifest(segment=seg, num_samples=len(arrays["keys"]),
                      text_positions=int(arrays["text_offsets"][-1]), visual_positions=int(arrays["visual_offsets"][-1]),
                      autocorr_values=int(arrays["autocorr_offsets"][-1]), arrays=info, replaces=list(replaces or []),
