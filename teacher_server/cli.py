@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -96,6 +97,11 @@ def serve(a: argparse.Namespace) -> int:
     log.info("listening on http://%s:%d (docs at /docs)", cfg.host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level, access_log=False,
                                            timeout_graceful_shutdown=cfg.graceful_timeout_s))
+    # uvicorn handles SIGTERM/SIGINT itself (stop accepting, finish in-flight requests, run the
+    # lifespan shutdown that drains the engine), then re-raises the signal to the handlers that
+    # were installed before it: make those no-ops so a graceful shutdown exits 0, not -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     svc = app.state.service
     if svc.load_error:

@@ -1,0 +1,286 @@
+"""The teacher server in-process (FastAPI TestClient, real tiny teacher on CPU): endpoints, every
+bad-input case with its status code and message, caps, auth, back-pressure, engine failures."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ckd_common.wire import (CONTENT_TYPE_REQUEST, TargetsRequest, WireSample, decode_response, encode_request)
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from teacher_server.app import create_app  # noqa: E402
+from teacher_server.config import ServerConfig  # noqa: E402
+from teacher_server.engines.base import Engine, EngineDescription  # noqa: E402
+from teacher_server.errors import EngineFailure  # noqa: E402
+
+MAX_SAMPLES = 8
+MAX_BODY = 1 << 20
+MAX_K = 32
+
+
+def _wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "model did not load"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models):
+    cfg = ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), max_request_samples=MAX_SAMPLES,
+                       max_body_bytes=MAX_BODY, max_k=MAX_K)
+    app = create_app(cfg, exit_on_load_failure=False)
+    with TestClient(app) as c:
+        _wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def info(client):
+    return client.get("/v1/info").json()
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_models, synth_dir, info):
+    from transformers import AutoTokenizer
+
+    from ckd_common.data import prepare_file
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["tiny-teacher"]))
+    ds = prepare_file(synth_dir / "instruct.json", tok, "qwen2_base", info["num_visual_tokens"],
+                      info["image_token_id"], synth_dir / "images")
+    with_image = [s for s in ds.samples if s.has_image]
+    text_only = [s for s in ds.samples if not s.has_image]
+    assert with_image and text_only, "the synthetic data should hold both kinds"
+    return with_image[:3] + text_only[:1]
+
+
+def wire(s, **over) -> WireSample:
+    from pathlib import Path
+
+    w = WireSample(s.key, s.input_ids.copy(), s.response_positions, s.visual_start, s.num_visual,
+                   Path(s.image_path).read_bytes() if s.has_image else None, s.id)
+    return replace(w, **over)
+
+
+def post(client, ws: list[WireSample], k: int = 8, template: str | None = "qwen2_base", **kw):
+    body = encode_request(TargetsRequest(ws, k, kw.pop("vocab_limit", None), template))
+    return client.post("/v1/targets", content=body, headers={"Content-Type": CONTENT_TYPE_REQUEST, **kw})
+
+
+def test_probes_info_docs_metrics(client, info, tiny_models):
+    from ckd_common.model import load_vlm, model_info
+
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["ready"] is True
+    m = model_info(*load_vlm(tiny_models["tiny-teacher"]))
+    assert info["teacher_fingerprint"] == m.fingerprint and info["tokenizer_hash"] == m.tokenizer_hash
+    assert info["num_visual_tokens"] == m.num_visual_tokens and info["hidden_size"] == m.hidden_size
+    assert info["common_vocab_size"] == min(m.vocab_size, m.tokenizer_vocab_size)
+    assert info["dtype"] == "fp32" and info["device"] == "cpu" and info["max_k"] == MAX_K
+    assert set(info["supported_templates"]) >= {"pretrain", "qwen2_base"}
+    spec = client.get("/openapi.json").json()
+    assert "/v1/targets" in spec["paths"] and CONTENT_TYPE_REQUEST in str(spec["paths"]["/v1/targets"])
+    assert client.get("/docs").status_code == 200
+    assert client.get("/v1/tokenizer").headers["content-type"] == "application/zip"
+
+
+def test_targets_equal_in_process_teacher(client, info, samples, tiny_models):
+    from ckd_common.model import load_vlm
+    from ckd_common.teacher import TeacherInput, TeacherRunner
+
+    r = post(client, [wire(s) for s in samples], k=8)
+    assert r.status_code == 200, r.text
+    got = decode_response(r.content)
+    assert got.teacher_fingerprint == info["teacher_fingerprint"] and got.k == 8
+    model, _ = load_vlm(tiny_models["tiny-teacher"])
+    runner = TeacherRunner(model, vocab_limit=info["common_vocab_size"])
+    want = runner.targets([TeacherInput.from_prepared(s, info["image_size"]) for s in samples], 8)
+    for g, w in zip(got.targets, want):
+        assert g.key == w.key
+        np.testing.assert_array_equal(g.text.ids, w.text.ids)
+        np.testing.assert_allclose(g.text.logprobs, w.text.logprobs, atol=1e-4)
+        np.testing.assert_allclose(g.text.tail, w.text.tail, atol=1e-5)
+        assert (g.visual is None) == (w.visual is None)
+        if w.visual is not None:
+            np.testing.assert_array_equal(g.visual.ids, w.visual.ids)
+            np.testing.assert_allclose(g.visual.logprobs, w.visual.logprobs, atol=1e-4)
+            np.testing.assert_allclose(g.autocorr, w.autocorr, atol=1e-5)
+    metrics = client.get("/metrics").text
+    assert 'teacher_requests_total{code="200"}' in metrics and "teacher_batch_samples_bucket" in metrics
+
+
+def test_smaller_vocab_limit(client, samples):
+    r = post(client, [wire(samples[0])], k=4, vocab_limit=50)
+    assert r.status_code == 200, r.text
+    t = decode_response(r.content).targets[0]
+    assert t.text.ids.max() < 50 and t.visual.ids.max() < 50
+
+
+def _expect(r, status: int, *needles: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert "Traceback" not in r.text
+    for n in needles:
+        assert n in body["detail"], (n, body["detail"])
+
+
+def test_bad_inputs_name_sample_and_problem(client, info, samples):
+    img, txt = samples[0], samples[-1]
+    vocab, nv, image_id = info["vocab_size"], info["num_visual_tokens"], info["image_token_id"]
+
+    ids = txt.input_ids.copy()
+    ids[-1] = vocab
+    _expect(post(client, [wire(img), wire(txt, input_ids=ids)], template=None), 422,
+            "sample 1", repr(txt.id), f"token id {vocab}", "vocabulary")
+
+    _expect(post(client, [wire(img, image=b"\x89PNG not really an image")], template=None), 422,
+            "sample 0", repr(img.id), "image", "cannot be decoded")
+
+    # visual span inconsistent with the model's visual-token count
+    short = np.concatenate([img.input_ids[:img.visual_start + nv - 1], img.input_ids[img.visual_start + nv:]])
+    _expect(post(client, [wire(img, input_ids=short, num_visual=nv - 1,
+                               response_positions=img.response_positions - 1)], template=None), 422,
+            repr(img.id), f"{nv - 1} tokens", f"{nv} visual tokens per image")
+    # span in the wrong place
+    _expect(post(client, [wire(img, visual_start=img.visual_start + 1)], template=None), 422,
+            repr(img.id), "visual span", f"id {image_id}")
+    # image tokens but no image
+    _expect(post(client, [wire(img, image=None)], template=None), 422, repr(img.id), "no image was sent")
+
+    for k in (0, MAX_K + 1):
+        _expect(post(client, [wire(txt)], k=k), 422, f"k={k}", "out of range")
+    _expect(post(client, [wire(txt)], vocab_limit=info["common_vocab_size"] + 1), 422, "vocab_limit")
+
+    _expect(post(client, [wire(txt, response_positions=np.array([len(txt.input_ids) - 1]))]), 422,
+            repr(txt.id), "response positions")
+    _expect(post(client, [wire(txt, key="0" * 32)]), 422, repr(txt.id), "does not match the content")
+    _expect(post(client, [wire(txt)], template="nope"), 422, "template 'nope'")
+    _expect(client.post("/v1/targets", content=b"garbage"), 400, "malformed targets request")
+    _expect(client.post("/v1/targets", content=encode_request(TargetsRequest([], 8))), 422, "no samples")
+
+
+def test_caps_413(client, samples):
+    _expect(post(client, [wire(samples[-1])] * (MAX_SAMPLES + 1)), 413, f"{MAX_SAMPLES + 1} samples",
+            str(MAX_SAMPLES))
+    _expect(client.post("/v1/targets", content=b"\0" * (MAX_BODY + 1)), 413, "exceeds the limit")
+    # the server keeps serving after every rejection
+    assert post(client, [wire(samples[0])]).status_code == 200
+
+
+def test_auth(tiny_models, tmp_path):
+    cfg = ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), token="s3cret")
+    with TestClient(create_app(cfg, exit_on_load_failure=False)) as c:
+        _wait_ready(c)  # probes stay open
+        assert c.get("/healthz").status_code == 200
+        for path in ("/v1/info", "/metrics", "/v1/tokenizer"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert "bearer token" in r.json()["detail"]
+            assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/v1/targets", content=b"x").status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------
+# back-pressure and engine failures, deterministic with a gated stub engine
+
+
+class GatedEngine(Engine):
+    """Holds every request until ``gate`` opens; reports a settable queue size."""
+
+    name = "stub"
+
+    def __init__(self, desc: EngineDescription, fail: bool = False) -> None:
+        self.desc, self.fail = desc, fail
+        self.gate: asyncio.Event | None = None
+        self.waiting = 0
+        self.fake_queue_tokens = 0
+
+    def load(self):
+        return self.desc
+
+    @property
+    def queued_tokens(self) -> int:
+        return self.fake_queue_tokens
+
+    @property
+    def queued_samples(self) -> int:
+        return self.waiting
+
+    def tokens_per_second(self) -> float:
+        return 1000.0
+
+    async def targets(self, inputs, k, vocab_limit):
+        from ckd_common.targets import SampleTargets, SparseTopK
+
+        if self.fail:
+            raise EngineFailure("simulated out-of-memory")
+        self.waiting += 1
+        await self.gate.wait()
+        self.waiting -= 1
+        z = lambda n: SparseTopK(np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.float32))  # noqa: E731
+        return [SampleTargets(x.key, z(len(x.response_positions)), z(x.num_visual) if x.num_visual else None,
+                              np.eye(x.num_visual, dtype=np.float32) if x.num_visual else None) for x in inputs]
+
+    def close(self, drain: bool = True) -> None:
+        pass
+
+
+def _stub_app(client, **cfg):
+    import httpx
+
+    svc = client.app.state.service
+    desc = replace(svc.desc, tokenizer=None)
+    engine = GatedEngine(desc, fail=cfg.pop("fail", False))
+    app = create_app(ServerConfig(model_dir="unused", **cfg), engine=engine, exit_on_load_failure=False)
+    app.state.service.load()
+    return engine, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub")
+
+
+def test_backpressure_inflight_and_queue(client, samples):
+    engine, ac = _stub_app(client, max_inflight_requests=3, max_queue_tokens=10_000)
+    body = encode_request(TargetsRequest([wire(samples[0])], 8))
+
+    async def flood():
+        engine.gate = asyncio.Event()
+        tasks = [asyncio.create_task(ac.post("/v1/targets", content=body)) for _ in range(3)]
+        while engine.waiting < 3:
+            await asyncio.sleep(0.01)
+        over = await ac.post("/v1/targets", content=body)  # a 4th request while 3 are held
+        engine.fake_queue_tokens = 10_000  # the queue is now full: new requests are turned away
+        engine.gate.set()
+        done = await asyncio.gather(*tasks)
+        queued = await ac.post("/v1/targets", content=body)
+        engine.fake_queue_tokens = 0
+        after = await ac.post("/v1/targets", content=body)
+        await ac.aclose()
+        return over, done, queued, after
+
+    over, done, queued, after = asyncio.run(flood())
+    assert over.status_code == 503 and int(over.headers["retry-after"]) >= 1
+    assert "in flight" in over.json()["detail"]
+    assert [r.status_code for r in done] == [200] * 3
+    assert queued.status_code == 503 and "queue" in queued.json()["detail"] and "retry-after" in queued.headers
+    assert after.status_code == 200
+
+
+def test_engine_failure_is_500_and_server_survives(client, samples):
+    engine, ac = _stub_app(client, fail=True)
+    body = encode_request(TargetsRequest([wire(samples[0])], 8))
+
+    async def go():
+        r1 = await ac.post("/v1/targets", content=body)
+        r2 = await ac.get("/healthz")
+        await ac.aclose()
+        return r1, r2
+
+    r1, r2 = asyncio.run(go())
+    _expect(r1, 500, "simulated out-of-memory")
+    assert r2.status_code == 200

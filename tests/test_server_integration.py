@@ -1,0 +1,145 @@
+"""The teacher server as a real uvicorn process: auth, a flood of concurrent requests (back-pressure,
+bounded memory, no crash), fill with a token, graceful shutdown finishing an in-flight request."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ckd_common.wire import TargetsRequest, WireSample, decode_response, encode_request
+from test_server_support import ServerProc
+
+pytestmark = pytest.mark.integration
+TOKEN = "integration-token"
+BATCH_TOKENS = 1024
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("guarded")
+    (d / "token").write_text(TOKEN + "\n")
+    srv = ServerProc(tiny_models["tiny-teacher"], d, "--token-file", str(d / "token"),
+                     "--max-batch-tokens", str(BATCH_TOKENS), "--max-inflight-requests", "4",
+                     "--max-queue-tokens", str(2 * BATCH_TOKENS), "--max-request-tokens", "1000000",
+                     "--max-request-samples", "512", name="guarded").start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture(scope="module")
+def wire_samples(guarded, synth_dir):
+    import io
+    import zipfile
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from ckd_common.data import prepare_file
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    info = httpx.get(f"{guarded.url}/v1/info", headers=auth).json()
+    z = httpx.get(f"{guarded.url}/v1/tokenizer", headers=auth).content
+    d = Path(guarded.workdir) / "tok"
+    zipfile.ZipFile(io.BytesIO(z)).extractall(d)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    ds = prepare_file(synth_dir / "instruct.json", tok, "qwen2_base", info["num_visual_tokens"],
+                      info["image_token_id"], synth_dir / "images")
+    return [WireSample(s.key, s.input_ids, s.response_positions, s.visual_start, s.num_visual,
+                       Path(s.image_path).read_bytes() if s.has_image else None, s.id) for s in ds.samples]
+
+
+def test_auth_enforced(guarded):
+    import httpx
+
+    assert httpx.get(f"{guarded.url}/healthz").status_code == 200
+    for path in ("/v1/info", "/metrics", "/docs"):
+        r = httpx.get(f"{guarded.url}{path}")
+        assert r.status_code == 401 and "bearer token" in r.json()["detail"]
+    assert httpx.post(f"{guarded.url}/v1/targets", content=b"x").status_code == 401
+    assert httpx.get(f"{guarded.url}/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_fill_needs_and_uses_the_token(guarded, synth_dir, tmp_path):
+    from logit_cache.fill import FillError, FillOptions, fill
+
+    opts = FillOptions([guarded.url], str(synth_dir / "pretrain.json"), str(synth_dir / "images"), "pretrain", 8,
+                       str(tmp_path / "cache"), progress=False)
+    with pytest.raises(FillError, match="bearer token"):
+        fill(opts)
+    opts.token = TOKEN
+    stats = fill(opts)
+    assert stats.written == stats.samples > 0
+
+
+def test_flood_gets_backpressure_not_a_crash(guarded, wire_samples):
+    import httpx
+
+    body = encode_request(TargetsRequest(wire_samples[:8], 8, None, "qwen2_base"))
+    rss_before = _rss_mib(guarded.proc.pid)
+    n = 96
+
+    async def flood():
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(limits=limits, timeout=120,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            return await asyncio.gather(*(c.post(f"{guarded.url}/v1/targets", content=body) for _ in range(n)))
+
+    rs = asyncio.run(flood())
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1 and codes.count(503) > 0, codes
+    for r in rs:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"] == "overloaded"
+        else:
+            assert len(decode_response(r.content).targets) == 8
+    assert guarded.proc.poll() is None
+    assert httpx.get(f"{guarded.url}/readyz").status_code == 200
+    again = httpx.post(f"{guarded.url}/v1/targets", content=body, headers={"Authorization": f"Bearer {TOKEN}"},
+                       timeout=120)
+    assert again.status_code == 200  # once the flood is over, the server serves normally
+    # admitted work is bounded (4 requests in flight), so memory does not grow with the flood size
+    assert _rss_mib(guarded.proc.pid) - rss_before < 300
+    metrics = httpx.get(f"{guarded.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert 'teacher_requests_total{code="503"}' in metrics
+
+
+def test_graceful_shutdown_finishes_in_flight(guarded, wire_samples):
+    """Runs last in this module: SIGTERM while a many-batch request is being processed."""
+    import httpx
+
+    samples = (wire_samples * 20)[:400]
+    body = encode_request(TargetsRequest(samples, 8, None, "qwen2_base"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    result: dict = {}
+
+    def send() -> None:
+        result["r"] = httpx.post(f"{guarded.url}/v1/targets", content=body, headers=auth, timeout=300)
+
+    t = threading.Thread(target=send)
+    t.start()
+    deadline = time.monotonic() + 60
+    while True:  # wait until the server is working on it
+        m = httpx.get(f"{guarded.url}/metrics", headers=auth).text
+        if "teacher_inflight_requests 1.0" in m and "teacher_queue_tokens 0.0" not in m:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    rc = guarded.terminate()
+    t.join(120)
+    assert rc == 0
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert len(decode_response(r.content).targets) == len(samples)

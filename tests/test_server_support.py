@@ -1,0 +1,113 @@
+"""Helpers (no tests) shared by the server and fill tests: real uvicorn server processes and a
+tolerant comparison of targets that went through the cache's float16 encoding."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+READY_TIMEOUT_S = 120  # 2 shared cores: importing torch + transformers alone can take 10 s
+
+
+class ServerProc:
+    """``python -m teacher_server serve`` on a free port (the server binds port 0 and reports it)."""
+
+    def __init__(self, model_dir, workdir: Path, *extra: str, name: str = "server") -> None:
+        self.model_dir, self.workdir, self.extra, self.name = str(model_dir), Path(workdir), extra, name
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        f = self.workdir / f"{self.name}.log"
+        return f.read_text()[-4000:] if f.exists() else ""
+
+    def start(self) -> "ServerProc":
+        import httpx
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port_file = self.workdir / f"{self.name}.port"
+        port_file.unlink(missing_ok=True)
+        self.port = None
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        logf = open(self.workdir / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "teacher_server", "serve", "--model", self.model_dir, "--port", "0",
+             "--port-file", str(port_file), "--log-level", "warning", *self.extra],
+            stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+        logf.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before ready:\n{self.log}")
+            if self.port is None and port_file.exists():
+                self.port = int(port_file.read_text())
+            if self.port is not None:
+                try:
+                    if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S}s:\n{self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything (the crash case)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM: graceful shutdown; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProc":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def _assert_topk_close(a, b, what: str, atol: float) -> None:
+    assert a.ids.shape == b.ids.shape, f"{what}: shapes {a.ids.shape} vs {b.ids.shape}"
+    la, lb = a.logprobs.astype(np.float32), b.logprobs.astype(np.float32)
+    assert np.array_equal(np.isfinite(la), np.isfinite(lb)), f"{what}: -inf padding differs"
+    fin = np.isfinite(la)
+    np.testing.assert_allclose(la[fin], lb[fin], atol=atol, rtol=2e-3, err_msg=f"{what}: log-probs")
+    np.testing.assert_allclose(a.tail, b.tail, atol=2e-3, err_msg=f"{what}: tail")
+    # ids must agree except where the teacher has (near) ties, whose order the encoding may swap
+    diff = a.ids != b.ids
+    if diff.any():
+        gaps = np.abs(np.diff(np.where(fin, lb, -1e9), axis=1))
+        near_tie = np.zeros_like(diff)
+        near_tie[:, 1:] |= gaps < 2 * atol
+        near_tie[:, :-1] |= gaps < 2 * atol
+        assert not (diff & ~near_tie).any(), f"{what}: top-k ids differ away from ties"
+
+
+def assert_targets_close(a, b, atol: float = 1e-2) -> None:
+    """``a`` and ``b`` equal up to the cache's float16 encoding of log-probs, tails and autocorr."""
+    assert a.key == b.key
+    _assert_topk_close(a.text, b.text, f"{a.key} text", atol)
+    assert (a.visual is None) == (b.visual is None), f"{a.key}: visual presence differs"
+    if a.visual is not None:
+        _assert_topk_close(a.visual, b.visual, f"{a.key} visual", atol)
+        np.testing.assert_allclose(a.autocorr, b.autocorr, atol=2e-3, err_msg=f"{a.key}: autocorr")
