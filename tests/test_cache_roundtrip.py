@@ -174,3 +174,34 @@ def test_compact_merges_atomically(tmp_path):
     for s in samples:
         assert_close(s, r.get(s.key), "q8")
     assert verify(g, progress=False)["samples"] == 30
+
+
+_READER = None
+
+
+def _read_ids(key):
+    return _READER.get(key).text.ids.tolist()
+
+
+def _read_ids_with(args):
+    reader, key = args
+    return reader.get(key).text.ids.tolist()
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_reader_in_loader_worker_processes(tmp_path, start):
+    """A reader built (and used) in the parent works in forked and spawned data-loader workers."""
+    import multiprocessing as mp
+    global _READER
+    g, samples = fill(tmp_path, 12, "q8")
+    _READER = g.reader()
+    _READER.get(samples[0].key)  # zarr's event loop is running in the parent before the fork
+    keys = [s.key for s in samples]
+    ctx = mp.get_context(start)
+    with ctx.Pool(2) as pool:
+        if start == "fork":
+            got = pool.map(_read_ids, keys)
+        else:
+            got = pool.map(_read_ids_with, [(_READER, k) for k in keys])
+    for s, ids in zip(samples, got):
+        assert ids == s.text.ids.tolist()
