@@ -23,6 +23,7 @@ def info(group: CacheGroup) -> dict[str, Any]:
     tp = sum(m.text_positions for m in ms)
     vp = sum(m.visual_positions for m in ms)
     stored = sum(group.storage.du(group.name, SEGMENTS, m.segment) for m in ms)
+    stored_ac = sum(group.storage.du(group.name, SEGMENTS, m.segment, "autocorr") for m in ms)
     raw = 0  # float32 logprobs + int32 ids + float32 tail per position, float32 autocorr upper triangle
     for m in ms:
         raw += (m.text_positions + m.visual_positions) * (group.meta.k * 8 + 4) + m.autocorr_values * 4
@@ -30,7 +31,8 @@ def info(group: CacheGroup) -> dict[str, Any]:
     return {"group": group.url, "meta": group.meta.to_dict(), "segments": len(ms),
             "uncommitted_segments": len(group.uncommitted_segments()), "samples": n,
             "text_positions": tp, "visual_positions": vp,
-            "stored_bytes": stored, "bytes_per_position": (stored / pos) if pos else None,
+            "stored_bytes": stored, "stored_autocorr_bytes": stored_ac,
+            "bytes_per_position": ((stored - stored_ac) / pos) if pos else None,  # top-k targets, autocorr excluded
             "compression_ratio_vs_float32": (raw / stored) if stored else None}
 
 
@@ -117,6 +119,17 @@ def gc(group: CacheGroup, min_age_s: float = 3600.0, dry_run: bool = False) -> d
             removed_unc.append(seg)
             if not dry_run:
                 group.storage.rm(group.name, SEGMENTS, seg, recursive=True)
+    for fn in group.storage.ls(group.name, MANIFESTS):  # temp files of a killed atomic manifest write
+        if ".json.tmp-" in fn:
+            try:
+                os.kill(int(fn.split(".json.tmp-")[1].split("-")[0]), 0)
+                continue
+            except (ProcessLookupError, ValueError):
+                removed_unc.append(f"{MANIFESTS}/{fn}")
+                if not dry_run:
+                    group.storage.rm(group.name, MANIFESTS, fn)
+            except PermissionError:
+                continue
     for seg in group.replaced_segments():
         removed_rep.append(seg)
         if not dry_run:
