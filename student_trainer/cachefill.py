@@ -36,7 +36,7 @@ def fill_cache(teacher_dir: str | Path, data: str | Path, images: str | Path | N
     runner = TeacherRunner(model, vocab_limit=vocab)
     samples = ds.samples[:limit] if limit is not None else ds.samples
     done = group.committed_keys()
-    todo = [s for s in samples if s.key not in done]
+    todo = list({s.key: s for s in samples if s.key not in done}.values())  # identical samples share a key
     with torch.no_grad(), group.writer() as w:
         for i in range(0, len(todo), batch_size):
             inputs = [TeacherInput.from_prepared(s, info.image_size) for s in todo[i:i + batch_size]]

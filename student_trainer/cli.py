@@ -3,7 +3,8 @@
   student_trainer train   --step pt|ft|sft --model DIR --data FILE.json --images DIR --out DIR [options]
   student_trainer distill --step dpt|dft --cache ROOT --model DIR --data FILE.json --images DIR --out DIR [options]
   student_trainer distill --step all --cache ROOT --model DIR --pretrain-data P.json --instruct-data I.json
-                          --images DIR --out DIR [options]        (DPT -> SFT -> DFT into OUT/dpt, OUT/sft, OUT/dft)
+                          --images DIR --out DIR [options]        (DPT -> SFT -> DFT into OUT/dpt, OUT/sft, OUT/dft;
+                          options apply to every step, --global-batch too; --lr is per step: run steps singly)
 
 Several ranks: ``torchrun --nproc_per_node N -m student_trainer ...`` or ``deepspeed --num_gpus N
 student_trainer/cli.py ...`` (gloo on CPU, nccl on GPU). The final model is OUT/final (HF llava
@@ -72,6 +73,8 @@ def _common(p: argparse.ArgumentParser, all_steps: bool = False) -> None:
     _bool(c, "progress", True, "progress bar")
     _bool(c, "tensorboard", True, "TensorBoard scalars under OUT/tb")
     c.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # test hook
+    # the deepspeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead); the env wins
+    c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,9 +118,8 @@ def run(args: argparse.Namespace) -> int:
         for opt in ("pretrain_data", "instruct_data"):
             if not getattr(args, opt):
                 problems.append(f"--step all needs --{opt.replace('_', '-')}")
-        for opt in ("lr", "global_batch"):
-            if getattr(args, opt) is not None:
-                problems.append(f"--{opt.replace('_', '-')} differs per step: run the steps one by one to override it")
+        if args.lr is not None:
+            problems.append("--lr differs per step (1e-3 DPT, 2e-5 SFT/DFT): run the steps one by one to override it")
         if problems:
             raise ConfigError(problems, "student_trainer distill --step all")
         out = Path(args.out)

@@ -154,6 +154,35 @@ def test_distillation_from_the_cache_lowers_the_kd_terms(tiny_models, synth_dir,
         assert sum(r[term] for r in rec[-3:]) < sum(r[term] for r in rec[:3]), term
 
 
+def test_losses_do_not_depend_on_the_micro_batch_size(tiny_models, synth_dir, cache, tmp_path):
+    runs = {}
+    for micro in ("1", "4"):
+        out = tmp_path / f"micro{micro}"
+        args = _args("distill", "dft", tiny_models["tiny-student"], synth_dir, out,
+                     extra=["--cache", str(cache), "--max-steps", "3", "--num-workers", "0", "--lr", "1e-3"])
+        args[args.index("--micro-batch") + 1] = micro
+        assert main(args) == 0
+        runs[micro] = _metrics(out)
+    for a, b in zip(runs["1"], runs["4"]):
+        for t in ("total", "ce", "kl_text", "kl_vis", "rel"):
+            assert a[t] == pytest.approx(b[t], rel=1e-5, abs=1e-6), (a["step"], t)
+
+
+def test_step_all_runs_dpt_sft_dft_in_order(tiny_models, synth_dir, cache, tmp_path):
+    out = tmp_path / "all"
+    rc = main(["distill", "--step", "all", "--cache", str(cache), "--model", str(tiny_models["tiny-student"]),
+               "--pretrain-data", str(synth_dir / "pretrain.json"), "--instruct-data", str(synth_dir / "instruct.json"),
+               "--images", str(synth_dir / "images"), "--out", str(out), "--global-batch", "4", "--micro-batch", "2",
+               "--max-steps", "1",
+               "--num-workers", "0", "--no-progress", "--no-tensorboard"])
+    assert rc == 0
+    cfgs = {s: json.loads((out / s / "final" / "student_trainer.json").read_text()) for s in ("dpt", "sft", "dft")}
+    assert cfgs["dpt"]["model"] == str(tiny_models["tiny-student"])
+    assert cfgs["sft"]["model"] == str(out / "dpt" / "final") and cfgs["sft"]["cache"] is None
+    assert cfgs["dft"]["model"] == str(out / "sft" / "final")
+    assert (cfgs["dpt"]["lr"], cfgs["sft"]["lr"], cfgs["sft"]["beta"], cfgs["dft"]["beta"]) == (1e-3, 2e-5, 0.0, 1.0)
+
+
 def test_checkpoint_loads_with_plain_transformers(tiny_models, synth_dir, tmp_path):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
