@@ -35,7 +35,7 @@ SEGMENTS = "segments"
 MANIFESTS = "manifests"
 KEY_BYTES = KEY_HEX_CHARS // 2
 DEFAULT_CHUNK_ROWS = 2048          # position rows per chunk (ENVIRONMENT.md + bench/cache_io.py)
-DEFAULT_AUTOCORR_CHUNK = 1 << 18   # autocorr values per chunk (512 KiB of fp16)
+DEFAULT_AUTOCORR_CHUNK = 1 << 18   # max autocorr values per chunk (512 KiB of fp16); Nv=576 -> 166,176 per sample
 
 
 DEFAULT_CLEVEL = 6                 # Blosc clevel (zstd 11): bench/cache_io.py, 2% smaller than 5; 9 is ~10x slower
@@ -410,7 +410,13 @@ class CacheGroup:
         for name in array_names(self.meta):
             a = arrays[name]
             if a.ndim == 1:
-                rows = DEFAULT_AUTOCORR_CHUNK if name == "autocorr" else max(len(a), 1) if name.endswith("offsets") or name == "keys" else chunk_rows
+                if name == "autocorr":  # about one sample's triangle per chunk: a read decodes ~1-2 chunks
+                    per = int(np.diff(arrays["autocorr_offsets"]).max(initial=0))
+                    rows = int(min(DEFAULT_AUTOCORR_CHUNK, max(1 << 12, 1 << max(per - 1, 1).bit_length())))
+                elif name.endswith("offsets"):
+                    rows = max(len(a), 1)
+                else:
+                    rows = chunk_rows
                 chunks: tuple[int, ...] = (max(1, min(rows, max(len(a), 1))),)
             else:
                 rows = max(len(a), 1) if name == "keys" else chunk_rows
