@@ -479,8 +479,11 @@ class CacheWriter:
                 raise ValueError(f"sample {s.key}: {kind} top-k has k={t.k}, the group stores k={m.k}")
             if t.num_positions and (t.ids.min() < 0 or t.ids.max() >= m.vocab_size):
                 raise ValueError(f"sample {s.key}: {kind} ids outside [0, vocab_size={m.vocab_size})")
-            if t.num_positions and np.isnan(t.logprobs).any():
-                raise ValueError(f"sample {s.key}: {kind} log-probs contain NaN")
+            if t.num_positions and (np.isnan(t.logprobs).any() or (t.logprobs > 1e-3).any()):
+                raise ValueError(f"sample {s.key}: {kind} log-probs must be <= 0 and not NaN (pass log-softmax "
+                                 f"values, not logits)")
+            if t.num_positions and (np.isnan(t.tail).any() or t.tail.min() < -1e-3 or t.tail.max() > 1 + 1e-3):
+                raise ValueError(f"sample {s.key}: {kind} tail masses must lie in [0, 1]")
         if s.text is None:
             raise ValueError(f"sample {s.key}: text targets are required (may have 0 positions)")
         if (s.visual is None) != (s.autocorr is None) and "autocorr" in m.target_kinds:

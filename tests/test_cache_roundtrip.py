@@ -205,3 +205,25 @@ def test_reader_in_loader_worker_processes(tmp_path, start):
             got = pool.map(_read_ids_with, [(_READER, k) for k in keys])
     for s, ids in zip(samples, got):
         assert ids == s.text.ids.tolist()
+
+
+def test_writer_rejects_bad_samples_with_clear_errors(tmp_path):
+    g = open_group(tmp_path, meta=meta(), create=True)
+    s = make_sample(0)
+    w = g.writer()
+    with pytest.raises(ValueError, match="hex"):
+        w.add(SampleTargets(key="not-a-key", text=s.text))
+    bad = SparseTopK(s.text.ids[:, :4], s.text.logprobs[:, :4], s.text.tail)
+    with pytest.raises(ValueError, match="k=4"):
+        w.add(SampleTargets(key=s.key, text=bad))
+    big = SparseTopK(np.full((1, K), VOCAB, np.int64), np.full((1, K), -3.0, np.float32), np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="vocab_size"):
+        w.add(SampleTargets(key=s.key, text=big))
+    logits = SparseTopK(np.zeros((1, K), np.int64), np.full((1, K), 5.0, np.float32), np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="log-softmax"):
+        w.add(SampleTargets(key=s.key, text=logits))
+    w.add(s)
+    with pytest.raises(ValueError, match="twice"):
+        w.add(s)
+    w.abort()
+    assert g.committed() == [] and g.uncommitted_segments() == []
