@@ -19,6 +19,11 @@ Memory: peak RSS growth of each variant, measured in-process by resetting the ke
 mark (write "5" to /proc/self/clear_refs) before the call and reading VmHWM after it.
 Accuracy: max |R_gram - R_naive| / max |R_naive| (both float32) against a float64 check.
 Last line: `RESULT key=value ...`.
+
+Measured 2026-11-24 on the shared 2-core / 24 GiB CPU box (abridged):
+RESULT autocorr_time_ratio=0.009432 autocorr_time_ratio_with_gram_b1=0.4971
+autocorr_time_ratio_with_gram_b4=0.1353 autocorr_time_ratio_train_b1=0.6311
+autocorr_time_ratio_train_b4=0.1594 autocorr_peak_mem_ratio_train_b4=0.4044
 """
 from __future__ import annotations
 
