@@ -302,6 +302,23 @@ def teacher_targets_from_hidden(
 # --------------------------------------------------------------------------------------------
 # 4. autocorrelation by the Gram trick
 # --------------------------------------------------------------------------------------------
+class _Gram(torch.autograd.Function):
+    """G = W^T W with the one-buffer backward dW = W (dG + dG^T).
+
+    Plain autograd of ``w.T @ w`` produces two [V, d] partial gradients and their sum (three
+    W-sized buffers at V = 151,936); this produces one."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w.T @ w
+
+    @staticmethod
+    def backward(ctx, grad_g):
+        (w,) = ctx.saved_tensors
+        return w @ (grad_g + grad_g.T)
+
+
 def lm_head_gram(lm_head_weight: torch.Tensor) -> torch.Tensor:
     """G = W^T W [d, d] in float32 (float64 for float64 W); differentiable w.r.t. W.
 
@@ -310,8 +327,7 @@ def lm_head_gram(lm_head_weight: torch.Tensor) -> torch.Tensor:
     where the LLM is frozen), once for the whole run."""
     dt = _compute_dtype(lm_head_weight.dtype)
     with torch.autocast(device_type=lm_head_weight.device.type, enabled=False):
-        w = lm_head_weight.to(dt)
-        return w.T @ w
+        return _Gram.apply(lm_head_weight.to(dt))
 
 
 def gram_autocorr(
