@@ -42,7 +42,6 @@ Conventions shared by every function here
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 

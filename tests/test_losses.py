@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ckd_common.losses import (
-    BatchTargets,
     collate_targets,
     fused_kd_loss,
     gram_autocorr,
