@@ -171,11 +171,11 @@ class TrainConfig(CommandConfig):
             p.append(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             p.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision == "bf16":
-            if cuda is False:
-                p.append("precision bf16 needs a GPU; on CPU the trainer runs fp32 (use --precision auto or fp32)")
-            if self.zero_stage == 0:
-                p.append("precision bf16 needs zero_stage >= 1 (DeepSpeed ZeRO-0 with bf16 does not train correctly)")
+        if self.precision == "bf16" and cuda is False:
+            p.append("precision bf16 needs a GPU; on CPU the trainer runs fp32 (use --precision auto or fp32)")
+        if self.zero_stage == 0 and (self.precision == "bf16" or (self.precision == "auto" and cuda)):
+            p.append("bf16 (the GPU default) needs zero_stage >= 1: DeepSpeed ZeRO-0 with bf16 does not train "
+                     "correctly; use --zero-stage 1..3 or --precision fp32")
         for name in ("alpha", "beta", "gamma", "delta"):
             v = getattr(self, name)
             if v is not None and v < 0:
