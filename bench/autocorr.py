@@ -20,10 +20,12 @@ mark (write "5" to /proc/self/clear_refs) before the call and reading VmHWM afte
 Accuracy: max |R_gram - R_naive| / max |R_naive| (both float32) against a float64 check.
 Last line: `RESULT key=value ...`.
 
-Measured 2026-11-24 on the shared 2-core / 24 GiB CPU box (abridged):
-RESULT autocorr_time_ratio=0.009432 autocorr_time_ratio_with_gram_b1=0.4971
-autocorr_time_ratio_with_gram_b4=0.1353 autocorr_time_ratio_train_b1=0.6311
-autocorr_time_ratio_train_b4=0.1594 autocorr_peak_mem_ratio_train_b4=0.4044
+Measured 2026-11-24 on the shared 2-core / 24 GiB CPU box (abridged; forward peak ratios print 0
+because the Gram variants allocate < 1 MiB: R itself is 2 MiB per sample):
+RESULT autocorr_time_ratio=0.01062 autocorr_time_ratio_with_gram_b1=0.5384
+autocorr_time_ratio_with_gram_b4=0.1548 autocorr_time_ratio_train_b1=0.3597
+autocorr_time_ratio_train_b4=0.1222 autocorr_peak_mem_ratio_train_b1=0.4156
+autocorr_peak_mem_ratio_train_b4=0.2006 autocorr_rel_err_gram=3.391e-07 autocorr_rel_err_naive=1.419e-06
 """
 from __future__ import annotations
 
