@@ -124,10 +124,11 @@ def test_schedule_is_deterministic_and_rank_count_independent():
 def test_dpt_changes_only_the_connector(tiny_models, synth_dir, cache, tmp_path):
     out = tmp_path / "dpt"
     rc = main(_args("distill", "dpt", tiny_models["tiny-student"], synth_dir, out, "pretrain.json",
-                    ["--cache", str(cache), "--max-steps", "3", "--num-workers", "2"]))
+                    ["--cache", str(cache), "--max-steps", "3", "--num-workers", "2", "--progress", "--tensorboard"]))
     assert rc == 0
     changed = _changed_parts(_weights(tiny_models["tiny-student"]), _weights(out / "final"))
     assert changed == {"vision": False, "connector": True, "llm": False}
+    assert list((out / "tb").glob("events.out.tfevents.*"))
     rec = _metrics(out)
     assert [r["step"] for r in rec] == [1, 2, 3]
     assert all(r["kl_vis"] > 0 and r["rel"] >= 0 and r["kl_text"] > 0 for r in rec)
@@ -194,7 +195,7 @@ def test_step_all_runs_dpt_sft_dft_in_order(tiny_models, synth_dir, cache, tmp_p
     assert (cfgs["dpt"]["lr"], cfgs["sft"]["lr"], cfgs["sft"]["beta"], cfgs["dft"]["beta"]) == (1e-3, 2e-5, 0.0, 1.0)
 
 
-def test_checkpoint_loads_with_plain_transformers(tiny_models, synth_dir, tmp_path):
+def test_checkpoint_loads_with_plain_transformers(tiny_models, synth_dir, tmp_path, capsys):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     out = tmp_path / "pt"
@@ -210,9 +211,28 @@ def test_checkpoint_loads_with_plain_transformers(tiny_models, synth_dir, tmp_pa
         cfg = json.loads((d / "student_trainer.json").read_text())
         assert cfg["step"] == "pt" and cfg["lr"] == 1e-3 and cfg["global_batch"] == 4
         assert (d / "ds").is_dir() and (d / "trainer_state.json").is_file()
-    # a finished run is not silently overwritten
+    # a finished run is not silently overwritten, and --resume refuses a changed config
     rc = main(_args("train", "pt", tiny_models["tiny-student"], synth_dir, out, "pretrain.json", ["--max-steps", "4"]))
-    assert rc == 2
+    assert rc == 2 and "already holds a run" in capsys.readouterr().err
+    rc = main(_args("train", "pt", tiny_models["tiny-student"], synth_dir, out, "pretrain.json",
+                    ["--max-steps", "4", "--resume", "--lr", "1e-4"]))
+    assert rc == 2 and "lr: now 0.0001, checkpoint 0.001" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_zero_stages_agree(stage, tiny_models, synth_dir, cache, tmp_path):
+    runs = {}
+    for z in (2, stage):
+        out = tmp_path / f"z{z}"
+        assert main(_args("distill", "dft", tiny_models["tiny-student"], synth_dir, out,
+                          extra=["--cache", str(cache), "--max-steps", "3", "--num-workers", "0", "--lr", "1e-3",
+                                 "--zero-stage", str(z)])) == 0
+        runs[z] = _metrics(out)
+    for a, b in zip(runs[2], runs[stage]):
+        for t in ("total", "ce", "kl_text", "kl_vis", "rel"):
+            assert a[t] == pytest.approx(b[t], rel=1e-5, abs=1e-6), (a["step"], t)
+    w2, w = _weights(tmp_path / "z2" / "final"), _weights(tmp_path / f"z{stage}" / "final")
+    assert all(torch.allclose(w2[k], w[k], atol=1e-5) for k in w2)
 
 
 def test_interrupted_save_never_looks_complete(tmp_path):
