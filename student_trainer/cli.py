@@ -80,6 +80,7 @@ def _common(p: argparse.ArgumentParser, all_steps: bool = False) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="student_trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="no teacher: TinyLLaVA PT/FT baselines and LLaVA-KD's SFT step")
     t.add_argument("--step", required=True, choices=list(TRAIN_STEPS),
