@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class FillStats:
     requests: int = 0
     retries: int = 0
     send_seconds: float = 0.0        # first request to last commit
+    write_seconds: float = 0.0       # in the cache writer (encoding, compression, segment commits)
     prepare_seconds: float = 0.0
     interrupted: bool = False
     group: str = ""
@@ -252,13 +254,12 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
                     bar) -> None:
     import httpx
 
-    queue: asyncio.Queue[Chunk] = asyncio.Queue()
-    for c in chunks:
-        queue.put_nowait(c)
+    pending: deque[Chunk] = deque(chunks)   # a failed chunk goes back to the FRONT: order is kept
     remaining = len(chunks)
     results: asyncio.Queue = asyncio.Queue()
-    stop = asyncio.Event()
+    stop = asyncio.Event()                   # stop sending: all done, fatal error, or interrupted
     fatal: list[str] = []
+    failures = {url: 0 for url in opts.servers}  # consecutive failures per server (its back-off)
     loop = asyncio.get_running_loop()
 
     def interrupt() -> None:
@@ -276,13 +277,10 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
     async def send(client: httpx.AsyncClient, url: str) -> None:
         nonlocal remaining
         while not stop.is_set():
-            try:
-                chunk = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                if remaining == 0:
-                    return
+            if not pending:
                 await asyncio.sleep(0.05)  # another worker holds the rest; it may give them back
                 continue
+            chunk = pending.popleft()
             delay = None
             try:
                 body = await asyncio.to_thread(encode_chunk, chunk, opts.k, vocab_limit, opts.template)
@@ -291,9 +289,12 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
                 stats.requests += 1
                 if r.status_code == 200:
                     targets = await asyncio.to_thread(decode_checked, r.content, chunk, opts.k, url)
+                    failures[url] = 0
                     stats.per_server[url] = stats.per_server.get(url, 0) + len(targets)
                     await results.put((chunk, targets))
                     remaining -= 1
+                    if remaining == 0:
+                        stop.set()
                     continue
                 detail = f"HTTP {r.status_code} from {url}: {_error_detail(r)}"
                 if r.status_code not in RETRYABLE_STATUS:
@@ -308,14 +309,18 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
                 stop.set()
                 return
             chunk.attempts += 1
+            failures[url] += 1
             stats.retries += 1
-            if chunk.attempts >= opts.retries:
-                fatal.append(f"giving up on a request of {len(chunk.samples)} samples after {chunk.attempts} "
-                             f"attempts; last error: {chunk.last_error}")
+            # give up when this request failed everywhere it was tried `retries` times, or when
+            # every server has failed `retries` times in a row (all down)
+            if chunk.attempts >= opts.retries or min(failures.values()) >= opts.retries:
+                fatal.append(f"giving up after {chunk.attempts} attempts of a request of {len(chunk.samples)} "
+                             f"samples ({min(failures.values())} consecutive failures on every server); "
+                             f"last error: {chunk.last_error}")
                 stop.set()
                 return
-            queue.put_nowait(chunk)  # any server may take it; this one backs off first
-            backoff = min(opts.max_backoff_s, opts.backoff_s * 2 ** (chunk.attempts - 1)) * (0.5 + random.random())
+            pending.appendleft(chunk)  # any server may take it; this one backs off first
+            backoff = min(opts.max_backoff_s, opts.backoff_s * 2 ** (failures[url] - 1)) * (0.5 + random.random())
             try:
                 await asyncio.wait_for(stop.wait(), timeout=max(backoff, delay or 0.0))
             except asyncio.TimeoutError:
@@ -329,7 +334,9 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
                 return
             chunk, targets = item
             new = [t for t in targets if t.key not in written]
+            tw = time.perf_counter()
             await asyncio.to_thread(_add_all, writer, new)
+            stats.write_seconds += time.perf_counter() - tw
             written.update(t.key for t in new)
             stats.written += len(new)
             stats.tokens += sum(s.length for s in chunk.samples)
@@ -356,7 +363,9 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
     finally:
         await results.put(None)
         await writer_task
+        tw = time.perf_counter()
         await asyncio.to_thread(writer.commit)
+        stats.write_seconds += time.perf_counter() - tw
         for c in clients:
             await c.aclose()
         for sig in installed:

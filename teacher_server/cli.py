@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-size", type=int, default=d.chunk_size, help="positions per lm_head chunk")
     s.add_argument("--graceful-timeout", type=int, default=d.graceful_timeout_s,
                    help="seconds to finish in-flight requests on SIGTERM/SIGINT")
+    s.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op CPU threads for torch (CPU serving; default: torch's choice)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -79,6 +81,10 @@ def serve(a: argparse.Namespace) -> int:
         return 2
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
         log.warning("binding %s without --token-file: anyone who can reach this port can use the teacher", cfg.host)
+    if a.torch_threads:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
     app = create_app(cfg)
     # Bind ourselves so that --port 0 works and the real port can be reported before serving.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET

@@ -164,3 +164,33 @@ def test_sigkill_server_mid_fill_then_resume(server, tiny_models, tmp_path):
         if r.autocorr is not None:
             np.testing.assert_array_equal(g.autocorr, r.autocorr)
     assert _verify(root)["duplicates"] == 0
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_committed(server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from ckd_common.synth import synthesize
+    from logit_cache.fill import fill
+
+    synthesize(tmp_path / "d", seed=2, n_pretrain=40, n_instruct=0, n_eval=0)
+    data = tmp_path / "d" / "pretrain.json"
+    root = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "logit_cache", "-q", "fill", "--server", server.url, "--data",
+                             str(data), "--images", str(data.parent / "images"), "--template", "pretrain", "--k", str(K),
+                             "--out", str(root), "--batch-samples", "1", "--concurrency", "1", "--segment-rows", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(root.glob("*/manifests/*.json"))) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    kept = _verify(root)
+    assert kept["ok"] and kept["samples"] >= 4 and kept["uncommitted_segments"] == []
+    stats = fill(_opts([server.url], data, "pretrain", root))
+    assert stats.already_committed == kept["samples"] and stats.written == stats.samples - kept["samples"]

@@ -1,0 +1,149 @@
+"""Cache-fill overhead: ``logit_cache fill`` through a real teacher server process versus the bare
+in-process teacher forward (ckd_common.teacher.TeacherRunner) on the same samples in the same
+batches, measured side by side in one run (tiny teacher on CPU; no GPU here).
+
+fill time   = first request -> last segment committed (HTTP, wire encoding, image decoding on the
+              server, dynamic batching, response decoding, Zarr writes), data prepared beforehand
+bare time   = TeacherRunner.targets over the same request-sized batches, images preprocessed
+              beforehand (the forward + top-k + autocorrelation + host transfer only)
+
+The server's --max-batch-tokens is set so one request is one engine batch (same batch sizes).
+Repeats alternate bare and fill and keep the best of each (the machine is shared and noisy).
+
+    python bench/fill.py [--samples 256] [--batch-samples 32] [--k 64] [--repeats 3]
+
+Last line: ``RESULT fill_overhead_ratio=<fill / bare>`` (target <= 1.10 on a GPU teacher).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def start_server(model_dir: Path, workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port_file = workdir / "server.port"
+    log = open(workdir / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "teacher_server", "serve", "--model", str(model_dir), "--port", "0",
+                             "--port-file", str(port_file), "--log-level", "warning", *extra],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early:\n{(workdir / 'server.log').read_text()[-3000:]}")
+        if port_file.exists():
+            url = f"http://127.0.0.1:{int(port_file.read_text())}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready in 180 s")
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--batch-samples", type=int, default=32)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--segment-rows", type=int, default=32,
+                    help="samples per committed segment: small, so segment writes overlap the teacher as in a "
+                         "long fill, instead of one large final commit (its cost is reported separately)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for the bare forward AND the server (2 shared cores: more threads "
+                         "than free cores makes OpenMP spin-waits dominate, ruining both measurements)")
+    ap.add_argument("--template", default="pretrain", choices=["pretrain", "qwen2_base"])
+    a = ap.parse_args()
+
+    import httpx
+    import torch
+
+    from ckd_common.data import prepare_file
+    from ckd_common.model import init_preset, load_vlm, model_info
+    from ckd_common.synth import synthesize
+    from ckd_common.teacher import TeacherInput, TeacherRunner
+    from logit_cache.fill import FillOptions, fill, make_chunks
+
+    torch.set_num_threads(a.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = init_preset("tiny-teacher", tmp / "teacher")
+        n_pt, n_it = (a.samples, 0) if a.template == "pretrain" else (0, a.samples)
+        synthesize(tmp / "data", seed=0, n_pretrain=n_pt, n_instruct=n_it, n_eval=0)
+        data = tmp / "data" / ("pretrain.json" if a.template == "pretrain" else "instruct.json")
+        model, tok = load_vlm(model_dir)
+        info = model_info(model, tok)
+        ds = prepare_file(data, tok, a.template, info.num_visual_tokens, info.image_token_id, data.parent / "images")
+        unique = list({s.key: s for s in ds.samples}.values())
+        chunks = make_chunks(unique, a.batch_samples, 1 << 30, 1 << 40)
+        longest_batch = max(len(c.samples) * max(s.length for s in c.samples) for c in chunks)
+        tokens = sum(s.length for s in unique)
+
+        runner = TeacherRunner(model, vocab_limit=min(info.vocab_size, info.tokenizer_vocab_size))
+        batches = [[TeacherInput.from_prepared(s, info.image_size) for s in c.samples] for c in chunks]
+        runner.targets(batches[0], a.k)  # warm-up
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            for b in batches:
+                runner.targets(b, a.k)
+            return time.perf_counter() - t0
+
+        proc, url = start_server(model_dir, tmp, "--max-batch-tokens", str(longest_batch),
+                                 "--max-request-tokens", str(1 << 24),
+                                 "--torch-threads", str(a.threads))
+        try:
+            # warm-up request through the whole path
+            fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k, str(tmp / "warm"),
+                             batch_samples=a.batch_samples, progress=False))
+            bare_times, fill_times = [], []
+            for r in range(a.repeats):
+                bare_times.append(bare())
+                before = httpx.get(f"{url}/metrics").text
+                st = fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k,
+                                      str(tmp / f"cache{r}"), batch_samples=a.batch_samples,
+                                      segment_rows=a.segment_rows, progress=False))
+                after = httpx.get(f"{url}/metrics").text
+                assert st.written == len(unique), st
+                fill_times.append(st.send_seconds)
+                n_b = metric(after, "teacher_batch_samples_count") - metric(before, "teacher_batch_samples_count")
+                eng = metric(after, "teacher_batch_seconds_sum") - metric(before, "teacher_batch_seconds_sum")
+                print(f"repeat {r}: bare {bare_times[-1]:.3f}s  fill {st.send_seconds:.3f}s  "
+                      f"(server: {int(n_b)} batches, {eng:.3f}s in the engine; client: {st.requests} requests, "
+                      f"{st.write_seconds:.3f}s in the cache writer)")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+        b, f = min(bare_times), min(fill_times)
+        print(f"device: cpu ({torch.get_num_threads()} torch threads; no GPU in this session)")
+        print(f"samples {len(unique)}, tokens {tokens}, k {a.k}, batches of {a.batch_samples} samples "
+              f"({len(chunks)} batches, padded budget {longest_batch} tokens)")
+        print(f"bare in-process forward: {b:.3f}s ({len(unique) / b:.1f} samples/s, {tokens / b:,.0f} tokens/s)")
+        print(f"fill through the server: {f:.3f}s ({len(unique) / f:.1f} samples/s, {tokens / f:,.0f} tokens/s)")
+        print(f"RESULT fill_overhead_ratio={f / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()
