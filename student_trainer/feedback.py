@@ -74,15 +74,22 @@ def plot_curve(records: list[dict], terms: tuple[str, ...], path: Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records]
-    for t in terms:
-        ax.plot(steps, [r[t] for r in records], label=t, lw=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    kd = [t for t in terms if t in ("kl_text", "kl_vis", "rel")]
+    panels = [[t for t in terms if t not in kd]] + ([kd] if kd else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, group in zip(axes[0], panels):
+        for t in group:
+            ax.plot(steps, [max(r[t], 1e-12) if t in kd else r[t] for r in records], label=t, lw=1.2)
+        if group is kd:  # KD terms are orders of magnitude below CE: their own panel, log scale
+            ax.set_yscale("log")
+            ax.set_title("distillation terms")
+        else:
+            ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -12,6 +12,8 @@ per-sample mean over the global batch, whatever the micro-batch size or the numb
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import socket
@@ -190,6 +192,13 @@ def train(cfg: TrainConfig) -> RunResult:
         if n_missing and is0:
             print(f"student_trainer: --on-missing skip: {n_missing} of {len(dataset)} samples have no cached "
                   f"targets and are left out")
+    train_set = hashlib.sha256("".join(s.key for s in samples).encode()).hexdigest()[:32]
+    if resume_from is not None:
+        was = json.loads((resume_from / ckpt.STATE_FILE).read_text()).get("train_set")
+        if was is not None and was != train_set:
+            raise TrainerError(f"--resume: the training samples differ from the checkpoint's ({len(samples)} now; "
+                               f"the data file, the cache's committed keys with --on-missing skip, or preparation "
+                               f"changed), so the run could not continue exactly; start a new --out")
     schedule = build_schedule([s.length for s in samples], cfg.global_batch, cfg.micro_batch, world, cfg.seed,
                               cfg.epochs, cfg.group_by_length, cfg.max_steps)
     total_steps = len(schedule)
@@ -250,7 +259,7 @@ def train(cfg: TrainConfig) -> RunResult:
         client = {"step": step, "torch_rng": torch.get_rng_state(),
                   "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
         return {"step": step, "total_steps": total_steps, "samples_seen": step * cfg.global_batch,
-                "client_state": client}
+                "train_set": train_set, "client_state": client}
 
     try:
         for step in range(start_step, total_steps):
@@ -314,8 +323,6 @@ def train(cfg: TrainConfig) -> RunResult:
             "world_size": world, "global_batch": cfg.global_batch, "total_steps": total_steps,
             "wall_s_this_process": time.perf_counter() - t_run, "data_wait_fraction": wait_fraction,
             "final": str(out / ckpt.FINAL)})
-        import json
-
         extra = {SUMMARY: json.dumps(summary, indent=2)}
     final = ckpt.save_checkpoint(engine, vlm, tok, out, ckpt.FINAL, strategy=info.vision_strategy,
                                  zero_stage=cfg.zero_stage, state=state(total_steps), config=cfg, extra_files=extra)
