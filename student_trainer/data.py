@@ -72,7 +72,8 @@ def open_cache(root: str, expected: dict):
         held = "\n".join(lines) if lines else "  (no logit_cache groups)"
         raise TrainerError(
             f"cache refused: no group in {root} was filled for this data "
-            f"(dataset_fingerprint={expected['dataset_fingerprint']}, template={expected['template']}). "
+            f"(dataset_fingerprint={expected['dataset_fingerprint']}, template={expected['template']}; the fingerprint "
+            f"covers the data, tokenizer, template, visual-token count and --max-length). "
             f"The cache holds:\n{held}\nFix: fill the cache for this data/template with the teacher "
             f"(teacher_server / logit_cache fill), or point --cache at the right root.") from None
     except CacheError as e:
