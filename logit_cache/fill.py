@@ -426,9 +426,12 @@ def fill(opts: FillOptions) -> FillStats:
             raise FillError(f"sample {s.id}: token id {int(s.input_ids.max())} >= the teacher's vocabulary "
                             f"{info['vocab_size']}")
 
+    has_image = any(s.has_image for s in ds.samples)
     meta = CacheMeta(teacher_fingerprint=info["teacher_fingerprint"], tokenizer_hash=info["tokenizer_hash"],
                      template=opts.template, dataset_fingerprint=ds.fingerprint, vocab_size=vocab_limit, k=opts.k,
-                     vision_strategy=info["vision_strategy"], num_visual_tokens=int(info["num_visual_tokens"]),
+                     # same convention as student_trainer.cachefill: text-only data has no vision fields
+                     vision_strategy=info["vision_strategy"] if has_image else "none",
+                     num_visual_tokens=int(info["num_visual_tokens"]) if has_image else 0,
                      value_encoding=opts.encoding,
                      target_kinds=[t for t in ("text", "visual", "autocorr") if t in info.get("target_kinds", [])])
     try:

@@ -15,10 +15,10 @@ class ServerConfig:
     token: str | None = None              # bearer token; None = no auth
     max_batch_tokens: int = 16384         # padded tokens (batch x longest) per forward
     max_queue_tokens: int | None = None   # admitted but unfinished tokens; default 8 x max_batch_tokens
-    max_inflight_requests: int = 64       # requests admitted at once (bounds memory under a flood)
+    max_inflight_requests: int = 32       # requests admitted at once: bodies in memory <= this x max_body_bytes
     max_request_samples: int = 256
     max_request_tokens: int | None = None  # default 4 x max_batch_tokens
-    max_body_bytes: int = 256 << 20
+    max_body_bytes: int = 64 << 20
     max_k: int = 256
     chunk_size: int = 1024                # positions per lm_head chunk (bounds the [chunk, V] tensor)
     graceful_timeout_s: int = 60

@@ -27,6 +27,9 @@ from .metrics import Metrics
 from .protocol import Info
 
 log = logging.getLogger("teacher_server")
+# Decoded RGB costs 3 bytes per pixel; a small compressed file can claim a huge canvas. Real VLM
+# inputs are a few megapixels at most.
+MAX_IMAGE_PIXELS = 1 << 25
 
 
 def _describe(i: int, s: WireSample) -> str:
@@ -216,8 +219,14 @@ class TeacherService:
 
         try:
             with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size  # from the header: refuse decompression bombs before decoding
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise InvalidSample(f"{who}: the image is {w}x{h} pixels, more than the server decodes "
+                                        f"({MAX_IMAGE_PIXELS} pixels); downscale it")
                 im.load()
                 return preprocess_image(im, size)
+        except InvalidSample:
+            raise
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
             raise InvalidSample(f"{who}: the image ({len(data)} bytes) cannot be decoded: "
                                 f"{type(e).__name__}: {e}") from None

@@ -143,6 +143,18 @@ def test_bad_inputs_name_sample_and_problem(client, info, samples):
     _expect(post(client, [wire(img, image=b"\x89PNG not really an image")], template=None), 422,
             "sample 0", repr(img.id), "image", "cannot be decoded")
 
+    import io
+
+    from PIL import Image
+
+    from teacher_server.service import MAX_IMAGE_PIXELS
+
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    bomb = io.BytesIO()
+    Image.new("1", (side, side)).save(bomb, format="PNG")  # a few KB claiming a huge canvas
+    _expect(post(client, [wire(img, image=bomb.getvalue())], template=None), 422, repr(img.id), "pixels",
+            "downscale")
+
     # visual span inconsistent with the model's visual-token count
     short = np.concatenate([img.input_ids[:img.visual_start + nv - 1], img.input_ids[img.visual_start + nv:]])
     _expect(post(client, [wire(img, input_ids=short, num_visual=nv - 1,

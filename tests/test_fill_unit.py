@@ -1,0 +1,64 @@
+"""logit_cache.fill without servers: the /v1/info agreement check, request chunking, response
+checks and the CLI's error path."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ckd_common.targets import SampleTargets, SparseTopK
+from logit_cache.fill import Chunk, FillError, check_infos, decode_checked, make_chunks
+
+INFO = {"teacher_fingerprint": "f1", "tokenizer_hash": "t1", "vocab_size": 512, "tokenizer_vocab_size": 496,
+        "num_visual_tokens": 16, "vision_strategy": "full", "image_size": 56, "image_token_id": 3,
+        "supported_templates": ["pretrain", "qwen2_base"], "max_k": 64}
+
+
+def test_servers_must_run_the_same_teacher():
+    assert check_infos({"a": INFO, "b": dict(INFO)}, "pretrain", 8) == INFO
+    with pytest.raises(FillError, match="teacher_fingerprint: a has 'f1', b has 'f2'"):
+        check_infos({"a": INFO, "b": {**INFO, "teacher_fingerprint": "f2"}}, "pretrain", 8)
+    with pytest.raises(FillError, match="num_visual_tokens"):
+        check_infos({"a": INFO, "b": {**INFO, "num_visual_tokens": 15}}, "pretrain", 8)
+    with pytest.raises(FillError, match="does not support template 'other'"):
+        check_infos({"a": INFO}, "other", 8)
+    with pytest.raises(FillError, match="--k 65 is out of range"):
+        check_infos({"a": INFO}, "pretrain", 65)
+
+
+def _sample(i, length):
+    return SimpleNamespace(key=f"{i:032x}", length=length, image_path=None, id=str(i), has_image=False,
+                           num_visual=0, response_positions=np.arange(2))
+
+
+def test_chunks_sorted_by_length_and_capped():
+    samples = [_sample(i, n) for i, n in enumerate([50, 10, 30, 20, 40, 60, 70])]
+    chunks = make_chunks(samples, batch_samples=3, max_tokens=100, max_bytes=1 << 20)
+    lengths = [[s.length for s in c.samples] for c in chunks]
+    assert sum(lengths, []) == sorted(s.length for s in samples)
+    assert all(len(c) <= 3 and sum(c) <= 100 for c in lengths)
+    assert lengths[0] == [10, 20, 30]
+
+
+def test_response_must_answer_the_request():
+    from ckd_common.wire import TargetsResponse, encode_response
+
+    s = _sample(1, 10)
+    ok = SampleTargets(s.key, SparseTopK(np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float32), np.zeros(2, np.float32)))
+    assert decode_checked(encode_response(TargetsResponse([ok], 4, 100)), Chunk([s]), 4, "u")[0].key == s.key
+    wrong = SampleTargets("f" * 32, ok.text)
+    with pytest.raises(FillError, match="inconsistently"):
+        decode_checked(encode_response(TargetsResponse([wrong], 4, 100)), Chunk([s]), 4, "u")
+    with pytest.raises(FillError, match="undecodable"):
+        decode_checked(b"nonsense", Chunk([s]), 4, "u")
+
+
+def test_cli_reports_unreachable_server(tmp_path, capsys, synth_dir):
+    from logit_cache.cli import main
+
+    rc = main(["-q", "fill", "--server", "http://127.0.0.1:9", "--data", str(synth_dir / "pretrain.json"),
+               "--images", str(synth_dir / "images"), "--template", "pretrain", "--out", str(tmp_path / "c"),
+               "--wait-ready", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "http://127.0.0.1:9 is not ready" in err and "Traceback" not in err
