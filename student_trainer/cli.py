@@ -5,6 +5,7 @@
   student_trainer distill --step all --cache ROOT --model DIR --pretrain-data P.json --instruct-data I.json
                           --images DIR --out DIR [options]        (DPT -> SFT -> DFT into OUT/dpt, OUT/sft, OUT/dft;
                           options apply to every step, --global-batch too; --lr is per step: run steps singly)
+  student_trainer eval    ...   (benchmarks; see `student_trainer eval --help`)
 
 Several ranks: ``torchrun --nproc_per_node N -m student_trainer ...`` or ``deepspeed --num_gpus N
 student_trainer/cli.py ...`` (gloo on CPU, nccl on GPU). The final model is OUT/final (HF llava
@@ -95,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--on-missing", default="error", choices=["error", "skip"],
                    help="samples without cached targets: fail (default) or leave them out and count them")
     _common(k, all_steps=True)
-    # issue 8 adds: sub.add_parser("eval", ...)
+    from student_trainer.eval.cli import add_eval_parser  # issue 8: `student_trainer eval` (its own module)
+
+    add_eval_parser(sub)
     return p
 
 
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     from student_trainer.data import TrainerError
 
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        return args.func(args)
     try:
         from logit_cache import CacheError
     except ImportError:  # pragma: no cover
