@@ -11,6 +11,7 @@ Run::
     student_trainer train   --step pt|ft|sft --model DIR --data FILE.json --images DIR --out DIR
     student_trainer distill --step dpt|dft|all --cache ROOT --model DIR --data FILE.json --images DIR --out DIR
     torchrun --nproc_per_node 2 -m student_trainer distill ...      # several ranks
+    student_trainer eval ...                                        # benchmarks (student_trainer.eval)
 
 (or ``python -m student_trainer``). Modules: ``config`` (step table, typed config), ``data`` (cache
 join, schedule, prefetching loader), ``trainer`` (the loop), ``checkpoint`` (atomic saves),
