@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batch-samples", type=int, default=32)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=2, help="requests in flight (logit_cache fill --concurrency)")
     ap.add_argument("--segment-rows", type=int, default=256,
                     help="samples per committed segment (a quarter of the data: earlier segments are written "
                          "while the teacher works, as in a long fill; the last one is a serial tail)")
@@ -123,7 +124,7 @@ def main() -> None:
                 before = httpx.get(f"{url}/metrics").text
                 st = fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k,
                                       str(tmp / f"cache{r}"), batch_samples=a.batch_samples,
-                                      segment_rows=a.segment_rows, progress=False))
+                                      segment_rows=a.segment_rows, concurrency=a.concurrency, progress=False))
                 after = httpx.get(f"{url}/metrics").text
                 assert st.written == len(unique), st
                 fill_times.append(st.send_seconds)

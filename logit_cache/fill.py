@@ -335,7 +335,12 @@ async def _pipeline(opts: FillOptions, chunks: list[Chunk], writer, vocab_limit:
             chunk, targets = item
             new = [t for t in targets if t.key not in written]
             tw = time.perf_counter()
-            await asyncio.to_thread(_add_all, writer, new)
+            try:
+                await asyncio.to_thread(_add_all, writer, new)
+            except Exception as e:  # noqa: BLE001 - e.g. a target the cache refuses: stop, keep the rest
+                fatal.append(f"the cache writer refused targets from the server: {type(e).__name__}: {e}")
+                stop.set()
+                return
             stats.write_seconds += time.perf_counter() - tw
             written.update(t.key for t in new)
             stats.written += len(new)
