@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,8 +251,8 @@ def decode_response(data: bytes | bytearray | memoryview) -> TargetsResponse:
     try:
         k = int(meta["k"])
         metas = list(meta["samples"])
-        counts = [(str(m["key"]), int(m["num_text"]), int(m["num_visual"]), bool(m.get("autocorr", m["num_visual"] > 0)))
-                  for m in metas]
+        counts = [(str(m["key"]), int(m["num_text"]), int(m["num_visual"]),
+                   bool(m.get("autocorr", m["num_visual"] > 0))) for m in metas]
     except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"response header is missing or has a malformed field ({e})") from None
     rows = sum(t + v for _, t, v, _ in counts)

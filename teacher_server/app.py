@@ -9,7 +9,6 @@ import signal
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from .config import ServerConfig
 from .engines import Engine
@@ -68,4 +67,4 @@ def create_app(config: ServerConfig, engine: Engine | None = None, exit_on_load_
     return app
 
 
-__all__ = ["create_app", "ServerConfig", "JSONResponse"]
+__all__ = ["create_app", "ServerConfig"]

@@ -178,7 +178,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_committed(server, tmp_path):
     data = tmp_path / "d" / "pretrain.json"
     root = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-m", "logit_cache", "-q", "fill", "--server", server.url, "--data",
-                             str(data), "--images", str(data.parent / "images"), "--template", "pretrain", "--k", str(K),
+                             str(data), "--images", str(data.parent / "images"), "--template", "pretrain",
+                             "--k", str(K),
                              "--out", str(root), "--batch-samples", "1", "--concurrency", "1", "--segment-rows", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -45,7 +45,8 @@ def test_response_must_answer_the_request():
     from ckd_common.wire import TargetsResponse, encode_response
 
     s = _sample(1, 10)
-    ok = SampleTargets(s.key, SparseTopK(np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float32), np.zeros(2, np.float32)))
+    text = SparseTopK(np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float32), np.zeros(2, np.float32))
+    ok = SampleTargets(s.key, text)
     assert decode_checked(encode_response(TargetsResponse([ok], 4, 100)), Chunk([s]), 4, "u")[0].key == s.key
     wrong = SampleTargets("f" * 32, ok.text)
     with pytest.raises(FillError, match="inconsistently"):

@@ -237,7 +237,8 @@ class GatedEngine(Engine):
         self.waiting += 1
         await self.gate.wait()
         self.waiting -= 1
-        z = lambda n: SparseTopK(np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.float32))  # noqa: E731
+        def z(n):
+            return SparseTopK(np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.float32))
         return [SampleTargets(x.key, z(len(x.response_positions)), z(x.num_visual) if x.num_visual else None,
                               np.eye(x.num_visual, dtype=np.float32) if x.num_visual else None) for x in inputs]
 

@@ -22,7 +22,8 @@ def test_request_roundtrip():
     got = decode_request(encode_request(TargetsRequest(ws, 64, 496, "qwen2_base")))
     assert (got.k, got.vocab_limit, got.template) == (64, 496, "qwen2_base")
     for a, b in zip(ws, got.samples):
-        assert (a.key, a.id, a.visual_start, a.num_visual, a.image) == (b.key, b.id, b.visual_start, b.num_visual, b.image)
+        for field in ("key", "id", "visual_start", "num_visual", "image"):
+            assert getattr(a, field) == getattr(b, field), field
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.response_positions, b.response_positions)
 
