@@ -297,3 +297,41 @@ def test_engine_failure_is_500_and_server_survives(client, samples):
     r1, r2 = asyncio.run(go())
     _expect(r1, 500, "simulated out-of-memory")
     assert r2.status_code == 200
+
+
+def test_concurrent_requests_with_different_k_are_batched_correctly(client, samples):
+    """Requests arriving together are batched across requests, but only with the same k and
+    vocab_limit; every answer equals the one the request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(k, vl) for k in (4, 8) for vl in (None, 60)] * 2
+    alone = {c: decode_response(post(client, [wire(s) for s in samples], k=c[0], vocab_limit=c[1]).content)
+             for c in set(cases)}
+    with ThreadPoolExecutor(len(cases)) as ex:
+        rs = list(ex.map(lambda c: post(client, [wire(s) for s in samples], k=c[0], vocab_limit=c[1]), cases))
+    for c, r in zip(cases, rs):
+        assert r.status_code == 200, r.text
+        for g, w in zip(decode_response(r.content).targets, alone[c].targets):
+            assert g.text.k == c[0]
+            np.testing.assert_array_equal(g.text.ids, w.text.ids)
+            np.testing.assert_allclose(g.text.logprobs, w.text.logprobs, atol=1e-4)
+
+
+def test_batch_selection_policy():
+    """The oldest waiting sample anchors the batch; neighbours in length join within the padded budget."""
+    from types import SimpleNamespace
+
+    from teacher_server.engines.hf import HFEngine, _Item
+
+    eng = HFEngine(SimpleNamespace(max_batch_tokens=100))
+    lengths = [40, 10, 12, 45, 11, 30, 9]
+    eng._pending = [_Item(SimpleNamespace(length=n), 8, 100, None, None, seq) for seq, n in enumerate(lengths)]
+    eng._pending.append(_Item(SimpleNamespace(length=10), 4, 100, None, None, 99))  # other k: never mixed
+    first = eng._take_batch()
+    assert 0 in [it.seq for it in first]  # the oldest is always served
+    assert sorted(it.inp.length for it in first) == [40, 45]  # closest length; adding 30 would exceed 100
+    second = eng._take_batch()
+    assert sorted(it.inp.length for it in second) == [9, 10, 11, 12]  # short ones together: little padding
+    rest = [eng._take_batch() for _ in range(2)]
+    assert [[it.inp.length for it in b] for b in rest] == [[30], [10]] and not eng._pending
+    assert rest[1][0].k == 4
