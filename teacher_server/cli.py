@@ -85,7 +85,11 @@ def serve(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.torch_threads)
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except ImportError as e:  # e.g. --engine vllm without the optional extra
+        print(f"teacher_server: {e}", file=sys.stderr)
+        return 2
     # Bind ourselves so that --port 0 works and the real port can be reported before serving.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
