@@ -2,6 +2,7 @@
 
   ckd model init|convert|compose|info ...   (ckd_common)
   ckd data synth|prepare ...                 (ckd_common)
+  ckd cascade CONFIG.yaml                    a whole cascade: servers, caches, training, eval
   ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="group", required=True)
     add_common_commands(sub)
+    casc = sub.add_parser("cascade", help="run a cascade (student <- TA <- Teacher) from a YAML config")
+    casc.add_argument("config", help="cascade YAML (see deploy/README.md and deploy/examples/)")
     demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
@@ -29,6 +32,19 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_transformers()
     try:
+        if args.group == "cascade":
+            from deploy.cascade import CascadeError, run_cascade
+
+            try:
+                run_cascade(args.config)
+            except CascadeError as e:
+                print(f"ckd cascade: error: {e}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                print("ckd cascade: interrupted; finished steps are kept, re-run the command to resume",
+                      file=sys.stderr)
+                return 130
+            return 0
         if args.group == "demo":
             from deploy.demo import run_demo
 
