@@ -44,8 +44,11 @@ PRESETS = {
     "tiny-ta": Preset(96, 3, 4, 2, 192),
     "tiny-teacher": Preset(128, 4, 4, 2, 256),
 }
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=56, patch_size=14)
+# 28 px / patch 14: a 2x2 grid of visual tokens, one per cell of the synthetic scenes. One layer,
+# features from layer -2 = the patch embeddings: a random but linear (so decodable) view of each
+# cell's pixels, which the tiny models can learn to read in minutes on a CPU.
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=28, patch_size=14)
 TINY_VOCAB = 512
 VISION_SEED = 1729  # every tiny preset gets the same vision tower weights (a shared frozen SigLIP)
 

@@ -47,7 +47,7 @@ print(out.logits.shape[-1], int((enc['input_ids'] == m.config.image_token_id).su
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     vocab, nv = map(int, r.stdout.split()[-2:])
-    assert vocab == 512 and nv == 16
+    assert vocab == 512 and nv == 4  # 28 px / patch 14 = 2x2 visual tokens
 
 
 def test_num_visual_tokens_for_real_siglip_sizes():
@@ -116,14 +116,14 @@ def test_convert_tinyllava_gives_identical_logits(tmp_path):
     assert conv.config.vision_feature_select_strategy == "default"  # 'patch': drop SigLIP's first token
 
     torch.manual_seed(0)
-    pix = torch.randn(1, 3, 56, 56)
+    pix = torch.randn(1, 3, 28, 28)
     text = conv_tok("hello red circle", add_special_tokens=False)["input_ids"]
     nv = model_info(conv, conv_tok).num_visual_tokens
     img = conv.config.image_token_id
     with torch.no_grad():
         ref, n_feats = _tinyllava_reference_logits(src, torch.tensor([text[:1] + [img] + text[1:]]), 1, pix)
         ours = conv(input_ids=torch.tensor([text[:1] + [img] * nv + text[1:]]), pixel_values=pix).logits
-    assert n_feats == nv == 15
+    assert n_feats == nv == 3
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_compose_from_vision_and_llm_dirs(tmp_path, tiny_models):
     tok.save_pretrained(llm_dir)
     out = compose_vlm(tmp_path / "siglip", llm_dir, tmp_path / "composed", strategy="patch", seed=1)
     m, t = load_vlm(out)
-    assert model_info(m, t).num_visual_tokens == 15
+    assert model_info(m, t).num_visual_tokens == 3
     for k, v in src.model.vision_tower.state_dict().items():
         assert torch.equal(m.model.vision_tower.state_dict()[k], v)
     for k, v in src.model.language_model.state_dict().items():
