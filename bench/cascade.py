@@ -5,7 +5,7 @@ Everything runs for real (teacher servers, fills, DeepSpeed trainer, as child pr
 presets and synthetic data. Separate devices are simulated: teachers on 'cpu:0', training on
 'cpu:1' — separate processes scheduled as if on different devices, but sharing this machine's cores,
 so the overlap saving here is a lower bound of what two GPUs give. Each run uses a fresh cache root
-(no reuse). Last line: RESULT ckd_over_kd_wall=... overlap_saving=...
+(no reuse); a warm-up cascade runs first. Last line: RESULT ckd_over_kd_wall=... overlap_saving=...
 
     python bench/cascade.py [--n 48] [--max-steps 4]
 """
@@ -51,6 +51,9 @@ def main() -> None:
         print(f"{name:<22} {wall:7.1f} s", flush=True)
         return wall
 
+    # the first DeepSpeed start of a machine pays one-off costs (cold caches, extension loading):
+    # take them outside the measurement
+    run("warm-up", "single", ["teacher"], overlap=True)
     kd = run("single", "single", ["teacher"], overlap=True)
     ckd_on = run("bottom-up-overlap", "bottom-up", ["ta", "teacher"], overlap=True)
     ckd_off = run("bottom-up-serial", "bottom-up", ["ta", "teacher"], overlap=False)
