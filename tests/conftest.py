@@ -43,3 +43,14 @@ def student(tiny_models):
     from ckd_common.model import load_vlm
 
     return load_vlm(tiny_models["tiny-student"])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread while a module trains: OpenMP spin-waits collapse on a shared 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,15 +16,7 @@ COMMON = ["--global-batch", "4", "--micro-batch", "2", "--no-progress", "--no-te
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread while these tests train: OpenMP spin-waits collapse on a shared 2-core box."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def cache(tiny_models, synth_dir, tmp_path_factory):

@@ -15,22 +15,13 @@ import pytest
 
 from student_trainer.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 TERMS = ("total", "ce", "kl_text", "kl_vis", "rel", "lr")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
             "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread while these tests train: OpenMP spin-waits collapse on a shared 2-core box."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def cache(tiny_models, synth_dir, tmp_path_factory):
