@@ -40,24 +40,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from _procmem import reset_peak, status_kib  # noqa: E402  (bench/ is on sys.path when run as a script)
 from ckd_common.losses import gram_autocorr, lm_head_gram, rel_loss  # noqa: E402
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(fn, repeats: int) -> tuple[float, float]:
@@ -67,13 +51,13 @@ def measure(fn, repeats: int) -> tuple[float, float]:
     box is shared and the neighbours' load changes between the runs being compared."""
     times, peak = [], float("nan")
     for i in range(repeats):
-        base = _status_mib("VmRSS")
-        exact = _reset_peak()
+        base = status_kib("VmRSS") / 1024
+        exact = reset_peak()
         t0 = time.process_time()
         fn()
         times.append(time.process_time() - t0)
         if i == 0 and exact:
-            peak = _status_mib("VmHWM") - base
+            peak = status_kib("VmHWM") / 1024 - base
     return statistics.median(times), peak
 
 

@@ -49,22 +49,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from _procmem import reset_peak, status_kib  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def _mem_available_gib() -> float:
@@ -127,12 +112,12 @@ def child(method: str, batch: int, args) -> dict:
         out["total"].backward()
         return float(out["total"])
 
-    baseline = _status_kib("VmRSS")
-    exact = _reset_peak()
+    baseline = status_kib("VmRSS")
+    exact = reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     value = step()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_mib": (peak - baseline) / 1024, "seconds": seconds, "cpu_seconds": cpu, "loss": value,
             "exact_peak": exact}
 
