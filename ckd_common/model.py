@@ -307,6 +307,13 @@ class ModelInfo:
     image_size: int
     image_token_id: int
 
+    @property
+    def common_vocab(self) -> int:
+        """Ids a distillation target may hold: [0, min(lm_head rows, real tokens)) (DESIGN §2).
+
+        The one owner of this rule: servers, fills, caches and the trainer all read it here."""
+        return min(self.vocab_size, self.tokenizer_vocab_size)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

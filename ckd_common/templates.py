@@ -27,6 +27,9 @@ SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 ASSISTANT_SEP = " ASSISTANT: "
+# Template names: the one owner of these strings (CLIs, cache metadata, the step table import them).
+PRETRAIN = "pretrain"        # DPT / PT: captions
+QWEN2_BASE = "qwen2_base"    # SFT / DFT / FT / eval: instructions
 
 
 class TemplateError(ValueError):
@@ -67,7 +70,7 @@ class Template:
 
 
 class PretrainTemplate(Template):
-    name = "pretrain"
+    name = PRETRAIN
 
     def render(self, rounds, encode):
         if len(rounds) != 1:
@@ -83,7 +86,7 @@ class PretrainTemplate(Template):
 
 
 class Qwen2BaseTemplate(Template):
-    name = "qwen2_base"
+    name = QWEN2_BASE
 
     @staticmethod
     def _question(q: str) -> str:
@@ -128,6 +131,7 @@ class Qwen2BaseTemplate(Template):
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (PretrainTemplate(), Qwen2BaseTemplate())}
+TEMPLATE_NAMES: tuple[str, ...] = tuple(TEMPLATES)
 
 
 def get_template(name: str) -> Template:
