@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed
 # CPU torch on machines without one; a GPU user installs their CUDA torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# DeepSpeed JIT-compiles its CPU shm-comm op on first use and caches it with the venv's absolute
+# paths: one build directory per venv, so two checkouts never rebuild (or race on) each other's.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv demo test test-fast test-integration bench clean
 
