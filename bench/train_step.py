@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     import deepspeed
 
     from ckd_common.data import prepare_file
-    from ckd_common.losses import collate_targets
+    from ckd_common.kd import KDWeights, collate_targets
     from ckd_common.model import load_vlm, model_info
     from ckd_common.synth import synthesize
     from ckd_common.teacher import TeacherInput, TeacherRunner
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     sched = build_schedule([s.length for s in ds.samples], cfg.global_batch, cfg.micro_batch, world, 0,
                            epochs=max(1.0, steps_needed * cfg.global_batch / len(ds.samples) + 1))
     micro = [mb for st in sched.steps for mb in st[rank]]
-    weights = (1.0, 1.0, 1.0, 1.0)
+    weights = KDWeights()  # every term weighted 1, as in DFT
 
     def loader(online: bool, mbs):
         return iter(make_loader(MicroBatches(ds.samples, mbs, tok.pad_token_id, info.image_size,
