@@ -264,7 +264,7 @@ def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_model
 
     ds, info = _student_dataset(tiny_models, synth_dir)
     meta = dict(teacher_fingerprint="t" * 32, tokenizer_hash=info.tokenizer_hash, template=ds.template,
-                dataset_fingerprint=ds.fingerprint, vocab_size=min(info.vocab_size, info.tokenizer_vocab_size), k=8,
+                dataset_fingerprint=ds.fingerprint, vocab_size=info.common_vocab, k=8,
                 vision_strategy=info.vision_strategy, num_visual_tokens=info.num_visual_tokens)
     meta[field] = value
     root = tmp_path / "cache"
