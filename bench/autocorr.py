@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from _procmem import reset_peak, status_kib  # noqa: E402  (bench/ is on sys.path when run as a script)
-from ckd_common.losses import gram_autocorr, lm_head_gram, rel_loss  # noqa: E402
+from ckd_common.kd import gram_autocorr, lm_head_gram, rel_loss  # noqa: E402
 
 
 def measure(fn, repeats: int) -> tuple[float, float]:

@@ -30,6 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ckd_common.templates import PRETRAIN, TEMPLATE_NAMES  # noqa: E402
+
 
 def start_server(model_dir: Path, workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     import httpx
@@ -73,7 +75,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for the bare forward AND the server (2 shared cores: more threads "
                          "than free cores makes OpenMP spin-waits dominate, ruining both measurements)")
-    ap.add_argument("--template", default="pretrain", choices=["pretrain", "qwen2_base"])
+    ap.add_argument("--template", default=PRETRAIN, choices=TEMPLATE_NAMES)
     a = ap.parse_args()
 
     import httpx
@@ -90,9 +92,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = init_preset("tiny-teacher", tmp / "teacher")
-        n_pt, n_it = (a.samples, 0) if a.template == "pretrain" else (0, a.samples)
+        n_pt, n_it = (a.samples, 0) if a.template == PRETRAIN else (0, a.samples)
         synthesize(tmp / "data", seed=0, n_pretrain=n_pt, n_instruct=n_it, n_eval=0)
-        data = tmp / "data" / ("pretrain.json" if a.template == "pretrain" else "instruct.json")
+        data = tmp / "data" / ("pretrain.json" if a.template == PRETRAIN else "instruct.json")
         model, tok = load_vlm(model_dir)
         info = model_info(model, tok)
         ds = prepare_file(data, tok, a.template, info.num_visual_tokens, info.image_token_id, data.parent / "images")
@@ -101,7 +103,7 @@ def main() -> None:
         longest_batch = max(len(c.samples) * max(s.length for s in c.samples) for c in chunks)
         tokens = sum(s.length for s in unique)
 
-        runner = TeacherRunner(model, vocab_limit=min(info.vocab_size, info.tokenizer_vocab_size))
+        runner = TeacherRunner(model, vocab_limit=info.common_vocab)
         batches = [[TeacherInput.from_prepared(s, info.image_size) for s in c.samples] for c in chunks]
         runner.targets(batches[0], a.k)  # warm-up
 

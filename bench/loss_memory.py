@@ -6,7 +6,7 @@ total loss w.r.t. the final hidden states and the lm_head weight, starting from 
 (the matmul with lm_head is part of what is measured, because fusing it is the point).
 
 Methods
-  fused      ckd_common.losses.fused_kd_loss (chunks of --chunk positions)
+  fused      ckd_common.kd.fused_kd_loss (chunks of --chunk positions)
   dense      logits = H W^T materialised, then kd_loss_from_logits (same sparse targets)
   reference  logits = H W^T materialised, then llava_kd_loss_dense against full teacher logits
              (the teacher logits are an input: allocated before the measurement starts)
@@ -63,7 +63,7 @@ def _mem_available_gib() -> float:
 def build_inputs(batch: int, args, with_teacher: bool):
     import torch
 
-    from ckd_common.losses import collate_targets
+    from ckd_common.kd import collate_targets
     from ckd_common.targets import SampleTargets, SparseTopK
 
     g = torch.Generator().manual_seed(0)
@@ -96,7 +96,7 @@ def build_inputs(batch: int, args, with_teacher: bool):
 def child(method: str, batch: int, args) -> dict:
     import torch
 
-    from ckd_common.losses import fused_kd_loss, kd_loss_from_logits, llava_kd_loss_dense
+    from ckd_common.kd import fused_kd_loss, kd_loss_from_logits, llava_kd_loss_dense
 
     torch.set_num_threads(args.threads)
     hidden, weight, labels, visual_mask, targets, teacher_logits = build_inputs(batch, args, method == "reference")

@@ -16,6 +16,7 @@ import sys
 from ckd_common.config import ConfigError
 from ckd_common.data import DataError
 from ckd_common.model import PRESETS, ModelLoadError
+from ckd_common.templates import TEMPLATE_NAMES
 
 
 def add_common_commands(sub) -> None:
@@ -51,7 +52,7 @@ def add_common_commands(sub) -> None:
     d.add_argument("--model", required=True)
     d.add_argument("--data", required=True)
     d.add_argument("--images", default=None)
-    d.add_argument("--template", required=True, choices=["pretrain", "qwen2_base"])
+    d.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
     d.add_argument("--max-length", type=int, default=2048)
     d.add_argument("--on-error", default="raise", choices=["raise", "skip"])
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ckd_common.losses import lm_head_gram, normalized_autocorr, teacher_targets_from_hidden
+from ckd_common.kd import lm_head_gram, normalized_autocorr, teacher_targets_from_hidden
 from ckd_common.model import lm_head_weight
 from ckd_common.targets import SampleTargets, SparseTopK
 

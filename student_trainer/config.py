@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckd_common.config import CommandConfig, ConfigError, path_problems
+from ckd_common.kd.weights import REL_VARIANTS, KDWeights
 
 CONFIG_FILE = "student_trainer.json"
 PARTS = ("vision", "connector", "llm")  # the vision tower is frozen in every step
@@ -42,7 +43,6 @@ STEPS: dict[str, StepSpec] = {s.name: s for s in (
 TRAIN_STEPS = ("pt", "ft", "sft")      # `student_trainer train`
 DISTILL_STEPS = ("dpt", "dft")         # `student_trainer distill` (+ 'all' = dpt -> sft -> dft)
 PRECISIONS = ("auto", "fp32", "bf16")
-REL_VARIANTS = ("flat", "column")
 ON_MISSING = ("error", "skip")
 
 
@@ -120,8 +120,9 @@ class TrainConfig(CommandConfig):
         )
 
     @property
-    def weights(self) -> tuple[float, float, float, float]:
-        return (self.alpha, self.beta, self.gamma, self.delta)
+    def weights(self) -> KDWeights:
+        """The loss weights of a resolved config (alpha, beta, gamma, delta = ce, kl_text, kl_vis, rel)."""
+        return KDWeights(ce=self.alpha, kl_text=self.beta, kl_vis=self.gamma, rel=self.delta)
 
     # -- validation ----------------------------------------------------------------------------
     def problems(self, world_size: int | None = None, cuda: bool | None = None) -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ckd_common.data import PreparedSample, collate
-from ckd_common.losses import collate_targets
+from ckd_common.kd import collate_targets
 from ckd_common.targets import SampleTargets, SparseTopK
 
 

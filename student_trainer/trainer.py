@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ckd_common.losses import fused_kd_loss, lm_head_gram
+from ckd_common.kd import KDWeights, fused_kd_loss, lm_head_gram
 from student_trainer import checkpoint as ckpt
 from student_trainer.config import CONFIG_FILE, TrainConfig
 from student_trainer.data import (MicroBatches, TrainerError, build_schedule, expected_cache_meta, join_targets,
@@ -90,7 +90,7 @@ class StudentLoss(torch.nn.Module):
         self.chunk_size, self.rel_variant, self.head_trainable = chunk_size, rel_variant, head_trainable
         self._gram = None
 
-    def forward(self, input_ids, attention_mask, labels, targets, visual_start, weights, pixel_values=None):
+    def forward(self, input_ids, attention_mask, labels, targets, visual_start, weights: KDWeights, pixel_values=None):
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.vlm.model.vision_tower.dtype)
         out = self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -251,7 +251,7 @@ def train(cfg: TrainConfig) -> RunResult:
     loader = make_loader(MicroBatches(samples, micro, tok.pad_token_id, info.image_size, reader),
                          cfg.num_workers, cfg.prefetch)
     it = iter(loader)
-    a, b, g, d = cfg.weights
+    weights = cfg.weights
     wait_total = time_total = 0.0
     t_run = time.perf_counter()
 
@@ -275,12 +275,13 @@ def train(cfg: TrainConfig) -> RunResult:
                 n_t, n_v, n_r = _counts(samples, batch["indices"], has_vis, has_rel)
                 share = (n_t / N_t if N_t else 0.0, n_v / N_v if N_v else 0.0, n_r / N_r if N_r else 0.0)
                 scale = gas * world
-                weights = (a * share[0] * scale, b * share[0] * scale, g * share[1] * scale, d * share[2] * scale)
+                micro_weights = KDWeights(ce=weights.ce * share[0] * scale, kl_text=weights.kl_text * share[0] * scale,
+                                          kl_vis=weights.kl_vis * share[1] * scale, rel=weights.rel * share[2] * scale)
                 kw = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
                 if "pixel_values" in batch:
                     kw["pixel_values"] = batch["pixel_values"].to(device)
                 res = engine(targets=batch["targets"].to(device), visual_start=batch["visual_start"],
-                             weights=weights, **kw)
+                             weights=micro_weights, **kw)
                 engine.backward(res["total"])
                 engine.step()
                 sums += torch.tensor([float(res["ce"]) * share[0], float(res["kl_text"]) * share[0],
@@ -295,7 +296,7 @@ def train(cfg: TrainConfig) -> RunResult:
             if step > start_step:  # the first step includes worker start-up
                 wait_total += wait
                 time_total += dt
-            rec = {"step": step + 1, "total": a * ce + b * klt + g * klv + d * rel, "ce": ce}
+            rec = {"step": step + 1, "total": weights.total(ce, klt, klv, rel), "ce": ce}
             if spec.uses_teacher:
                 rec.update(kl_text=klt, kl_vis=klv, rel=rel)
             rec.update(lr=lr, samples_per_s=cfg.global_batch / dt, step_time=dt,

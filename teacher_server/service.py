@@ -85,8 +85,7 @@ class TeacherService:
 
     @property
     def common_vocab(self) -> int:
-        m = self.require_ready().model
-        return min(m.vocab_size, m.tokenizer_vocab_size)
+        return self.require_ready().model.common_vocab
 
     def info(self) -> Info:
         d = self.require_ready()

@@ -1,4 +1,4 @@
-"""Tests for ckd_common.losses: the LLaVA-KD reference, sparse targets, the fused chunked loss and
+"""Tests for ckd_common.kd: the LLaVA-KD reference, sparse targets, the fused chunked loss and
 the Gram-trick autocorrelation. Small V / d only; the real sizes live in bench/."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckd_common.losses import (
+from ckd_common.kd import (
+    KDWeights,
     collate_targets,
     fused_kd_loss,
     gram_autocorr,
@@ -383,7 +384,7 @@ def test_fused_with_larger_teacher_vocab_equals_reference():
 def test_fused_matches_dense_path_float32_values_and_grads(chunk, k):
     bt = make_batch(dtype=torch.float32, seed=chunk)
     batch = collate_targets(sample_targets(bt, k=k))
-    weights = (1.0, 0.7, 0.3, 2.0)
+    weights = KDWeights(ce=1.0, kl_text=0.7, kl_vis=0.3, rel=2.0)
     h = bt["hidden"].clone().requires_grad_()
     w = bt["weight"].clone().requires_grad_()
     fused = fused_kd_loss(h, w, bt["labels"], batch, visual_start(bt), weights=weights, chunk_size=chunk)

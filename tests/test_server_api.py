@@ -82,7 +82,7 @@ def test_probes_info_docs_metrics(client, info, tiny_models):
     m = model_info(*load_vlm(tiny_models["tiny-teacher"]))
     assert info["teacher_fingerprint"] == m.fingerprint and info["tokenizer_hash"] == m.tokenizer_hash
     assert info["num_visual_tokens"] == m.num_visual_tokens and info["hidden_size"] == m.hidden_size
-    assert info["common_vocab_size"] == min(m.vocab_size, m.tokenizer_vocab_size)
+    assert info["common_vocab_size"] == m.common_vocab
     assert info["dtype"] == "fp32" and info["device"] == "cpu" and info["max_k"] == MAX_K
     assert set(info["supported_templates"]) >= {"pretrain", "qwen2_base"}
     spec = client.get("/openapi.json").json()

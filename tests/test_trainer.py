@@ -82,14 +82,15 @@ def test_config_reports_every_problem_at_once(tmp_path, capsys):
 
 
 def test_step_table_defaults_follow_the_recipe():
+    from ckd_common.kd import KDWeights
     from student_trainer.config import STEPS, TrainConfig
 
     dpt = TrainConfig(step="dpt", model="m", data="d", out="o").resolved()
     dft = TrainConfig(step="dft", model="m", data="d", out="o", lr=1e-4).resolved()
     sft = TrainConfig(step="sft", model="m", data="d", out="o").resolved()
-    assert (dpt.lr, dpt.global_batch, dpt.weights) == (1e-3, 256, (1.0, 1.0, 1.0, 1.0))
+    assert (dpt.lr, dpt.global_batch, dpt.weights) == (1e-3, 256, KDWeights(1.0, 1.0, 1.0, 1.0))
     assert (dft.lr, dft.global_batch) == (1e-4, 128)
-    assert (sft.lr, sft.global_batch, sft.weights) == (2e-5, 128, (1.0, 0.0, 0.0, 0.0))
+    assert (sft.lr, sft.global_batch, sft.weights) == (2e-5, 128, KDWeights(1.0, 0.0, 0.0, 0.0))
     assert STEPS["dpt"].trainable == STEPS["pt"].trainable == ("connector",)
     assert STEPS["dft"].trainable == STEPS["sft"].trainable == STEPS["ft"].trainable == ("connector", "llm")
     assert all("vision" not in s.trainable for s in STEPS.values())
@@ -263,7 +264,7 @@ def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_model
 
     ds, info = _student_dataset(tiny_models, synth_dir)
     meta = dict(teacher_fingerprint="t" * 32, tokenizer_hash=info.tokenizer_hash, template=ds.template,
-                dataset_fingerprint=ds.fingerprint, vocab_size=min(info.vocab_size, info.tokenizer_vocab_size), k=8,
+                dataset_fingerprint=ds.fingerprint, vocab_size=info.common_vocab, k=8,
                 vision_strategy=info.vision_strategy, num_visual_tokens=info.num_visual_tokens)
     meta[field] = value
     root = tmp_path / "cache"

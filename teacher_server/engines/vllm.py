@@ -51,7 +51,7 @@ class VLLMEngine(Engine):  # pragma: no cover - needs a GPU and vllm
         model, tok = load_vlm(self.cfg.model_dir)
         info = model_info(model, tok)
         del model
-        self.common_vocab = min(info.vocab_size, info.tokenizer_vocab_size)
+        self.common_vocab = info.common_vocab
         dtype = {"bf16": "bfloat16", "fp32": "float32", None: "bfloat16"}[self.cfg.dtype]
         self.llm = LLM(model=self.cfg.model_dir, dtype=dtype, max_logprobs=self.cfg.max_k + 1,
                        enable_prefix_caching=False)
