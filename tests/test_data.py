@@ -57,7 +57,7 @@ def test_visual_span_for_both_strategies(strategy, expected_nv, student, patch_s
     enc = proc(images=Image.open(img_dir / "img.png"), text="<image>hi", return_tensors="np")
     assert (enc["input_ids"] == model.config.image_token_id).sum() == expected_nv
     # and the model accepts the prepared sample (image features fill exactly the span)
-    batch = collate([s], tok.pad_token_id, model.config.vision_config.image_size)
+    batch = collate([s], tok.pad_token_id, model.config.vision_config.image_size, aspect_ratio="square")
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     assert out.logits.shape[1] == s.length
 
@@ -174,7 +174,7 @@ def test_preprocess_matches_siglip_image_processor():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
     ref = SiglipImageProcessor(size={"height": 56, "width": 56})(images=img, return_tensors="np")["pixel_values"][0]
-    ours = preprocess_image(img, 56)
+    ours = preprocess_image(img, 56, "square")
     assert ours.shape == ref.shape == (3, 56, 56)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 

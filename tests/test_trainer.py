@@ -236,8 +236,8 @@ def test_interrupted_save_never_looks_complete(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.save_checkpoint(Boom(), None, None, tmp_path, ckpt.checkpoint_name(5), strategy="full", zero_stage=0,
-                             state={"step": 5}, config=None)
+        ckpt.save_checkpoint(Boom(), None, None, tmp_path, ckpt.checkpoint_name(5), template="qwen2_base",
+                             zero_stage=0, state={"step": 5}, config=None)
     assert not (tmp_path / "checkpoint-000005").exists()
     assert ckpt.latest_resumable(tmp_path) is None and ckpt.complete_checkpoints(tmp_path) == []
     assert ckpt.clean_partial(tmp_path) == [".tmp-checkpoint-000005"]

@@ -123,7 +123,8 @@ class Generator:
     def _pixels(self, path: Path):
         from ckd_common.data import load_image, preprocess_image
 
-        return self.torch.from_numpy(preprocess_image(load_image(path, str(path)), self.info.image_size))
+        return self.torch.from_numpy(preprocess_image(load_image(path, str(path)), self.info.image_size,
+                                                     self.info.image_aspect_ratio))
 
     def generate(self, items: list[Item], max_new_tokens: int) -> list[str]:
         """Answers of one batch (same order as ``items``)."""
