@@ -268,8 +268,8 @@ def _tokenizer(src: Path, top: dict):
 
 def _layout(src: Path) -> str:
     split = all((src / p).is_dir() for p in _SPLIT_PARTS)
-    whole = any((src / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json",
-                                              "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    whole = any(src.glob("*.safetensors")) or any(src.glob("pytorch_model*.bin")) or any(
+        (src / f).is_file() for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json"))
     if split and whole:
         raise ModelLoadError(f"{src} holds both the pretrain layout (language_model/, vision_tower/, connector/) and "
                              f"finetune weights (model.safetensors / pytorch_model.bin); keep one of them")
@@ -356,15 +356,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, template: str | None
     strategy, layer, aspect = _options(src, top)
     text_cfg = _text_config(src, top, layout == "split")
     vision_cfg = _vision_config(src, top, layout == "split")
-    tok = _tokenizer(src, top)
-    from ckd_common.tokenizer import IMAGE_TOKEN
-
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_token_id >= text_cfg.vocab_size:
-        raise ModelLoadError(f"<image> would get id {image_token_id} >= the LLM's vocab {text_cfg.vocab_size}")
-
-    cfg = llava_config(vision_cfg, text_cfg, strategy, image_token_id, aspect_ratio=aspect,
-                       vision_feature_layer=layer)
+    cfg = llava_config(vision_cfg, text_cfg, strategy, 0, aspect_ratio=aspect, vision_feature_layer=layer)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in LlavaForConditionalGeneration(cfg).state_dict().items()}
     if progress:
@@ -392,6 +384,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, template: str | None
                              + ("; tie_word_embeddings is false, so the LLM needs its own lm_head.weight"
                                 if "lm_head.weight" in missing else ""))
 
+    from ckd_common.tokenizer import IMAGE_TOKEN
+
+    tok = _tokenizer(src, top)
+    cfg.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if cfg.image_token_id >= text_cfg.vocab_size:
+        raise ModelLoadError(f"<image> would get id {cfg.image_token_id} >= the LLM's vocab {text_cfg.vocab_size}")
     dtype = _common_dtype(sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v) for k, v in sd.items()}
     with torch.device("meta"):
