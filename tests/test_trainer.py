@@ -257,7 +257,8 @@ def _student_dataset(tiny_models, synth_dir, data="instruct.json", template="qwe
 
 
 @pytest.mark.parametrize("field,value", [("tokenizer_hash", "0123456789abcdef"), ("vocab_size", 400),
-                                         ("num_visual_tokens", 15), ("template", "pretrain")])
+                                         ("num_visual_tokens", 15), ("template", "pretrain"),
+                                         ("image_aspect_ratio", "pad")])  # a pad teacher, a square student
 def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_models, synth_dir, tmp_path, capsys):
     from logit_cache import CacheMeta, open_group
 

@@ -31,7 +31,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF llava model directory (run)")
     p.add_argument("--data-root", help="evaluation data root in the LLaVA-1.5 layout (see README)")
     p.add_argument("--out", help="output directory: <out>/<bench>/answers.jsonl, result.json; <out>/results.json")
-    p.add_argument("--template", default="qwen2_base")
+    p.add_argument("--template", default=None,
+                   help="conversation template; default: the one the checkpoint records, else qwen2_base")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override the per-benchmark limit (128; 1024 for ScienceQA)")
