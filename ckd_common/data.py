@@ -22,7 +22,8 @@ from ckd_common.tokenizer import IMAGE_TOKEN, pad_eos_warning
 
 DEFAULT_MAX_LENGTH = 2048
 # What the prepare report counts (docs/templates.md explains each against the reference).
-NOTE_IMAGE_INSERTED = "image field but no <image> in the text: image put before the first question (the reference drops it)"
+NOTE_IMAGE_INSERTED = ("image field but no <image> in the text: image put before the first question "
+                       "(the reference drops it)")
 NOTE_TRUNCATED = "longer than max_length: truncated (as the reference)"
 
 

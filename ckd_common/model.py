@@ -249,7 +249,8 @@ def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: 
         from ckd_common.templates import TEMPLATE_NAMES
 
         if template not in TEMPLATE_NAMES:
-            raise ModelLoadError(f"{d}/config.json: {TEMPLATE_CONFIG_KEY} {template!r} is not one of {list(TEMPLATE_NAMES)}")
+            raise ModelLoadError(f"{d}/config.json: {TEMPLATE_CONFIG_KEY} {template!r} is not one of "
+                                 f"{list(TEMPLATE_NAMES)}")
     model = LlavaForConditionalGeneration.from_pretrained(str(d), dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     return model.to(device), tok

@@ -81,7 +81,7 @@ def check_images(items: list[Item], bench: Benchmark, image_root: Path) -> None:
     for it in items:
         if it.image is not None and it.fixed_text is None and not it.image.is_file():
             raise EvalError(f"{bench.name}: image {it.image} (question {it.question_id!r}) not found; expected "
-                            f"the images under --data-root/{bench.images} (here {image_root})")
+                            f"the images under --data-root/{bench.images} (here {image_root}); source: {bench.source}")
 
 
 class Generator:
