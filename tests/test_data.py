@@ -195,3 +195,19 @@ def test_synth_is_deterministic_and_well_formed(tmp_path, student):
         ds = prepare_file(tmp_path / "a" / f, tok, t, info.num_visual_tokens, info.image_token_id,
                           tmp_path / "a" / "images")
         assert len(ds) == 10
+
+
+def test_prepare_report_counts_deviations_and_warnings(tmp_path, capsys):
+    """`ckd data prepare` tells which samples are rendered differently from the reference."""
+    from ckd_common.cli import main as ckd_main
+
+    model_dir = init_preset("tiny-student", tmp_path / "m")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "img.png")
+    recs = [_record("a"), _record("b", conv=[{"from": "human", "value": "What colour is it?"},
+                                             {"from": "gpt", "value": "red"}])]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    assert ckd_main(["data", "prepare", "--model", str(model_dir), "--data", str(tmp_path / "d.json"),
+                     "--images", str(tmp_path), "--template", "qwen2_base"]) == 0
+    out = capsys.readouterr().out
+    assert "2 samples" in out and "1 sample(s): image field but no <image> in the text" in out
+    assert "docs/templates.md" in out
