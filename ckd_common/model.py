@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ckd_common.templates import QWEN2_BASE
+
 # Our names for the vision feature strategy -> transformers' names. 'patch' drops SigLIP's first
 # token as TinyLLaVA/LLaVA-KD checkpoints do (728 tokens at 384/14); 'full' keeps all (729).
 STRATEGY_TO_HF = {"full": "full", "patch": "default"}
@@ -186,7 +188,7 @@ def save_vlm(model, tokenizer, out_dir: str | Path, template: str) -> Path:
 
 
 def init_preset(preset: str, out_dir: str | Path, strategy: str = "full", seed: int = 0,
-                aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = "qwen2_base"):
+                aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = QWEN2_BASE):
     """Write a random-initialised tiny llava checkpoint + tokenizer + processor to ``out_dir``."""
     from transformers import LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
 
@@ -286,7 +288,7 @@ def convert_tinyllava(src: str | Path, dst: str | Path, template: str | None = N
 
 
 def compose_vlm(vision_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, strategy: str = "full",
-                seed: int = 0, aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = "qwen2_base"):
+                seed: int = 0, aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = QWEN2_BASE):
     """A student to start DPT from: a SigLIP vision tower + a Qwen2 LLM + a fresh random connector."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration,
                               SiglipVisionConfig, SiglipVisionModel)

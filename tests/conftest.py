@@ -43,6 +43,21 @@ def synth_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def wide_synth_dir(synth_dir, tmp_path_factory):
+    """The synthetic data with every image cropped to 112x64: there 'pad' and 'square' preprocessing
+    give different pixels (the synthetic images are square)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("wide-synth")
+    (root / "images").mkdir()
+    for img in (synth_dir / "images").glob("*.png"):
+        Image.open(img).crop((0, 0, 112, 64)).save(root / "images" / img.name)
+    for f in ("pretrain.json", "instruct.json", "eval.jsonl"):
+        shutil.copy(synth_dir / f, root / f)
+    return root
+
+
+@pytest.fixture(scope="session")
 def student(tiny_models):
     from ckd_common.model import load_vlm
 

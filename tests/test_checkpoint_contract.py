@@ -155,24 +155,12 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def wide_synth(synth_dir, tmp_path_factory):
-    """The synthetic eval set with non-square images (so 'pad' and 'square' differ)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("wide-eval")
-    (root / "images").mkdir()
-    for img in (synth_dir / "images").glob("ev_*.png"):
-        Image.open(img).crop((0, 8, 112, 80)).save(root / "images" / img.name)
-    (root / "eval.jsonl").write_text((synth_dir / "eval.jsonl").read_text())
-    return root
-
-
 @pytest.mark.parametrize("aspect", ["square", "pad"])
-def test_plain_transformers_answers_equal_student_trainer_eval(aspect, synth_dir, wide_synth, tmp_path, capsys):
+def test_plain_transformers_answers_equal_student_trainer_eval(aspect, synth_dir, wide_synth_dir, tmp_path,
+                                                               capsys):
     from student_trainer.eval.cli import main as eval_main
 
-    data = synth_dir if aspect == "square" else wide_synth
+    data = synth_dir if aspect == "square" else wide_synth_dir
     # A random tiny model answers every question alike; with its weights scaled up its answers depend
     # on the image and the question, so equal answers mean equal prompts, pixels and stopping.
     model, tok = load_vlm(init_preset("tiny-student", tmp_path / "student", aspect_ratio=aspect, seed=3))

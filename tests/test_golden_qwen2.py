@@ -154,7 +154,8 @@ def test_truncation_at_2048(tok, image_root):
 
 def test_image_without_marker_is_put_first_and_reported(tok, image_root):
     prep = _prep(tok, "qwen2_base", image_root)
-    s = prep.prepare({"id": "x", "image": "img.png", "conversations": _messages([("What colour is the circle?", "red")])})
+    rec = {"id": "x", "image": "img.png", "conversations": _messages([("What colour is the circle?", "red")])}
+    s = prep.prepare(rec)
     want = _expand(*ref.encode(_messages([("<image>\nWhat colour is the circle?", "red")]), tok, "qwen2_base")[1:])
     assert (s.input_ids.tolist(), s.labels.tolist()) == want
     assert prep.notes == {NOTE_IMAGE_INSERTED: 1}
@@ -201,7 +202,8 @@ def test_template_errors_where_the_reference_masks_silently(rounds, match, tok):
 
 
 @pytest.mark.parametrize("template,record,match", [
-    ("qwen2_base", {"image": "img.png", "conversations": [("<image>\nq", "a"), ("<image>\nq2", "a2")]}, "2 <image> tokens"),
+    ("qwen2_base", {"image": "img.png", "conversations": [("<image>\nq", "a"), ("<image>\nq2", "a2")]},
+     "2 <image> tokens"),
     ("qwen2_base", {"image": "img.png", "conversations": [("q", "<image> a")]}, "appears in an answer"),
     ("qwen2_base", {"conversations": [("<image>\nq", "a")]}, "has no 'image' field"),
     ("pretrain", {"image": "img.png", "conversations": [("<image>\nq", "a"), ("q2", "a2")]}, "exactly one human/gpt"),

@@ -5,7 +5,6 @@ mode is refused (test_trainer.py parametrizes that refusal)."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import numpy as np
@@ -90,25 +89,13 @@ def test_the_mode_is_recorded_and_fingerprinted(presets):
     assert model_info(square, models["square"][1]).image_aspect_ratio == "square"
 
 
-@pytest.fixture(scope="module")
-def wide_data(synth_dir, tmp_path_factory):
-    """The synthetic data with every image cropped to 112x64 (pad and square then differ)."""
-    root = tmp_path_factory.mktemp("wide")
-    (root / "images").mkdir()
-    for img in (synth_dir / "images").glob("*.png"):
-        Image.open(img).crop((0, 0, 112, 64)).save(root / "images" / img.name)
-    for f in ("pretrain.json", "instruct.json", "eval.jsonl"):
-        shutil.copy(synth_dir / f, root / f)
-    return root
-
-
-def test_collate_and_teacher_inputs_use_the_given_mode(presets, wide_data):
+def test_collate_and_teacher_inputs_use_the_given_mode(presets, wide_synth_dir):
     from ckd_common.teacher import TeacherInput
 
     model, tok = load_vlm(presets["pad"])
     info = model_info(model, tok)
-    recs = json.loads((wide_data / "instruct.json").read_text())[:2]
-    samples = [Preparer(tok, "qwen2_base", info.num_visual_tokens, info.image_token_id, wide_data / "images")
+    recs = json.loads((wide_synth_dir / "instruct.json").read_text())[:2]
+    samples = [Preparer(tok, "qwen2_base", info.num_visual_tokens, info.image_token_id, wide_synth_dir / "images")
                .prepare(r) for r in recs]
     batch = collate(samples, tok.pad_token_id, info.image_size, aspect_ratio="pad")
     for i, s in enumerate(samples):
@@ -122,7 +109,7 @@ def test_collate_and_teacher_inputs_use_the_given_mode(presets, wide_data):
         TeacherInput.from_prepared(samples[0], info.image_size)
 
 
-def test_server_preprocesses_with_the_teachers_mode(wide_data, tmp_path):
+def test_server_preprocesses_with_the_teachers_mode(wide_synth_dir, tmp_path):
     """A 'pad' teacher behind the real FastAPI app returns the targets of pad pixels."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -135,8 +122,8 @@ def test_server_preprocesses_with_the_teachers_mode(wide_data, tmp_path):
     d = init_preset("tiny-teacher", tmp_path / "pad-teacher", aspect_ratio="pad")
     model, tok = load_vlm(d)
     info = model_info(model, tok)
-    rec = json.loads((wide_data / "instruct.json").read_text())[0]
-    s = Preparer(tok, "qwen2_base", info.num_visual_tokens, info.image_token_id, wide_data / "images").prepare(rec)
+    rec = json.loads((wide_synth_dir / "instruct.json").read_text())[0]
+    s = Preparer(tok, "qwen2_base", info.num_visual_tokens, info.image_token_id, wide_synth_dir / "images").prepare(rec)
     with TestClient(create_app(ServerConfig(model_dir=str(d)), exit_on_load_failure=False)) as client:
         deadline = time.monotonic() + 60
         while client.get("/readyz").status_code != 200:
@@ -157,20 +144,20 @@ def test_server_preprocesses_with_the_teachers_mode(wide_data, tmp_path):
     assert np.abs(got.autocorr - square.autocorr).max() > 1e-3
 
 
-def test_trainer_uses_the_students_mode(presets, wide_data, tmp_path):
+def test_trainer_uses_the_students_mode(presets, wide_synth_dir, tmp_path):
     """The first step's CE of a 'pad' student = the model's own loss on pad pixels (not square)."""
     from student_trainer.cli import main
 
     model, tok = load_vlm(presets["pad"])
     info = model_info(model, tok)
-    recs = json.loads((wide_data / "pretrain.json").read_text())[:4]
+    recs = json.loads((wide_synth_dir / "pretrain.json").read_text())[:4]
     (tmp_path / "four.json").write_text(json.dumps(recs))
     rc = main(["train", "--step", "pt", "--model", str(presets["pad"]), "--data", str(tmp_path / "four.json"),
-               "--images", str(wide_data / "images"), "--out", str(tmp_path / "o"), "--global-batch", "4",
+               "--images", str(wide_synth_dir / "images"), "--out", str(tmp_path / "o"), "--global-batch", "4",
                "--micro-batch", "4", "--max-steps", "1", "--num-workers", "0", "--no-progress", "--no-tensorboard"])
     assert rc == 0
     ce = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])["ce"]
-    prep = Preparer(tok, "pretrain", info.num_visual_tokens, info.image_token_id, wide_data / "images")
+    prep = Preparer(tok, "pretrain", info.num_visual_tokens, info.image_token_id, wide_synth_dir / "images")
     samples = [prep.prepare(r) for r in recs]
     losses = {}
     with torch.no_grad():

@@ -23,8 +23,8 @@ VERSION = "vqav2/1"
 # Where the inputs come from, in the version the official numbers use (every not-found or
 # wrong-version error names it).
 SOURCE = ("LLaVA-1.5's eval.zip (docs/Evaluation.md of github.com/haotian-liu/LLaVA: "
-          "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl, 107,394 questions, and llava_vqav2_mscoco_test2015.jsonl) + COCO "
-          "test2015 images (images.cocodataset.org/zips/test2015.zip); test-dev is scored by the EvalAI server "
+          "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl, 107,394 questions, and llava_vqav2_mscoco_test2015.jsonl) "
+          "+ COCO test2015 images (images.cocodataset.org/zips/test2015.zip); test-dev is scored by the EvalAI server "
           "(challenge 830)")
 UPLOAD_NAME = "vqav2_test-dev_upload.json"
 
