@@ -133,9 +133,15 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: the weights are read once, when the converted model is written
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (pre-zip) torch.save format cannot be mapped
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for broken files
-        raise ModelLoadError(f"{path}: unreadable weight file ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{path}: unreadable weight file ({type(e).__name__}: {first})") from None
     if not isinstance(sd, dict):
         raise ModelLoadError(f"{path}: expected a dict of named tensors, got {type(sd).__name__}")
     return sd

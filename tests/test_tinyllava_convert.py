@@ -204,3 +204,9 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ckd: error: not a TinyLLaVA-Factory checkpoint") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_weight_file_is_named(sources, qwen2_base_tokenizer_dir, tmp_path):
+    write_pretrain(sources["tied"], tmp_path / "src", qwen2_base_tokenizer_dir)
+    (tmp_path / "src" / "connector" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    _converts_with_error(tmp_path / "src", tmp_path, r"connector/pytorch_model\.bin: unreadable weight file")
