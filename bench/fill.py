@@ -104,7 +104,7 @@ def main() -> None:
         tokens = sum(s.length for s in unique)
 
         runner = TeacherRunner(model, vocab_limit=info.common_vocab)
-        batches = [[TeacherInput.from_prepared(s, info.image_size) for s in c.samples] for c in chunks]
+        batches = [[TeacherInput.from_prepared(s, info.image_size, aspect_ratio=info.image_aspect_ratio) for s in c.samples] for c in chunks]
         runner.targets(batches[0], a.k)  # warm-up
 
         def bare() -> float:

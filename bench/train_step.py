@@ -109,7 +109,8 @@ def main(argv=None) -> int:
 
     def loader(online: bool, mbs):
         return iter(make_loader(MicroBatches(ds.samples, mbs, tok.pad_token_id, info.image_size,
-                                             None if online else reader), args.num_workers, 4))
+                                             None if online else reader, aspect_ratio=info.image_aspect_ratio),
+                                args.num_workers, 4))
 
     teacher_t: list[float] = []
 

@@ -2,8 +2,9 @@
 cascade and the demo on top, since those drive the server, cache and trainer.)
 
   ckd model init --preset tiny-student|tiny-ta|tiny-teacher --out DIR [--strategy full|patch]
-  ckd model convert --tinyllava SRC --out DST
-  ckd model compose --vision DIR --llm DIR --out DST [--strategy full|patch]
+                 [--image-aspect-ratio square|pad] [--template qwen2_base|pretrain]
+  ckd model convert --tinyllava SRC --out DST [--template qwen2_base|pretrain]
+  ckd model compose --vision DIR --llm DIR --out DST [--strategy full|patch] [--image-aspect-ratio square|pad]
   ckd model info DIR
   ckd data synth --out DIR [--seed S --n-pretrain N --n-instruct N --n-eval N]
   ckd data prepare --model DIR --data FILE --images DIR --template pretrain|qwen2_base
@@ -15,8 +16,12 @@ import sys
 
 from ckd_common.config import ConfigError
 from ckd_common.data import DataError
-from ckd_common.model import PRESETS, ModelLoadError
-from ckd_common.templates import TEMPLATE_NAMES
+from ckd_common.model import IMAGE_ASPECT_RATIOS, PRESETS, ModelLoadError
+from ckd_common.templates import QWEN2_BASE, TEMPLATE_NAMES
+
+_ASPECT_HELP = ("image preprocessing: 'square' resizes the image as it is, 'pad' first pads it to a square with "
+                "the mean colour (LLaVA-1.5)")
+_TEMPLATE_HELP = "the conversation template the model is (to be) trained with: its chat template and stop token"
 
 
 def add_common_commands(sub) -> None:
@@ -28,15 +33,22 @@ def add_common_commands(sub) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--strategy", default="full", choices=["full", "patch"])
     m.add_argument("--seed", type=int, default=0)
-    m = msub.add_parser("convert", help="TinyLLaVA-Factory checkpoint -> HF llava directory")
-    m.add_argument("--tinyllava", required=True)
+    m.add_argument("--image-aspect-ratio", default="square", choices=IMAGE_ASPECT_RATIOS, help=_ASPECT_HELP)
+    m.add_argument("--template", default=QWEN2_BASE, choices=TEMPLATE_NAMES, help=_TEMPLATE_HELP)
+    m = msub.add_parser("convert", help="TinyLLaVA-Factory checkpoint (any layout it writes) -> HF llava directory")
+    m.add_argument("--tinyllava", required=True, help="the TinyLLaVA-Factory output or released model directory")
     m.add_argument("--out", required=True)
+    m.add_argument("--template", default=QWEN2_BASE, choices=TEMPLATE_NAMES,
+                   help=_TEMPLATE_HELP + " (TinyLLaVA's config does not record it; qwen2_base for its Qwen2 "
+                        "finetune stage and released models, pretrain for a pretrain-stage checkpoint)")
     m = msub.add_parser("compose", help="vision tower + LLM + fresh connector -> HF llava directory")
     m.add_argument("--vision", required=True)
     m.add_argument("--llm", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--strategy", default="full", choices=["full", "patch"])
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--image-aspect-ratio", default="square", choices=IMAGE_ASPECT_RATIOS, help=_ASPECT_HELP)
+    m.add_argument("--template", default=QWEN2_BASE, choices=TEMPLATE_NAMES, help=_TEMPLATE_HELP)
     m = msub.add_parser("info", help="print a model's fingerprint and shapes")
     m.add_argument("dir")
 
@@ -57,6 +69,22 @@ def add_common_commands(sub) -> None:
     d.add_argument("--on-error", default="raise", choices=["raise", "skip"])
 
 
+def prepare_report(ds) -> str:
+    """What ``ckd data prepare`` prints: counts, skipped samples by reason, where this data is
+    rendered differently from the reference (docs/templates.md) and tokenizer warnings."""
+    n_resp = sum(len(s.response_positions) for s in ds.samples)
+    lines = [f"{len(ds)} samples, {sum(s.length for s in ds.samples)} tokens, {n_resp} response positions, "
+             f"template {ds.template}, fingerprint {ds.fingerprint}"]
+    for reason, n in sorted((ds.skipped or {}).items()):
+        lines.append(f"  skipped {n}: {reason}")
+    for note, n in sorted((ds.notes or {}).items()):
+        lines.append(f"  {n} sample(s): {note}")
+    lines += [f"  warning: {w}" for w in ds.warnings]
+    if ds.notes or ds.warnings:
+        lines.append("  (deviations from TinyLLaVA-Factory/LLaVA-KD and why: docs/templates.md)")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_commands(p.add_subparsers(dest="group", required=True))
@@ -68,11 +96,14 @@ def run(args: argparse.Namespace) -> int:
         from ckd_common import model as M
 
         if args.cmd == "init":
-            print(f"wrote {M.init_preset(args.preset, args.out, args.strategy, args.seed)}")
+            out = M.init_preset(args.preset, args.out, args.strategy, args.seed, args.image_aspect_ratio, args.template)
+            print(f"wrote {out}")
         elif args.cmd == "convert":
-            print(f"wrote {M.convert_tinyllava(args.tinyllava, args.out)}")
+            print(M.convert_tinyllava(args.tinyllava, args.out, template=args.template, progress=True))
         elif args.cmd == "compose":
-            print(f"wrote {M.compose_vlm(args.vision, args.llm, args.out, args.strategy, args.seed)}")
+            out = M.compose_vlm(args.vision, args.llm, args.out, args.strategy, args.seed, args.image_aspect_ratio,
+                                args.template)
+            print(f"wrote {out}")
         elif args.cmd == "info":
             print(M.describe(args.dir))
     elif args.group == "data":
@@ -88,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
             info = model_info(model, tok)
             ds = prepare_file(args.data, tok, args.template, info.num_visual_tokens, info.image_token_id,
                               args.images, args.max_length, args.on_error, progress=True)
-            n_resp = sum(len(s.response_positions) for s in ds.samples)
-            print(f"{len(ds)} samples, {sum(s.length for s in ds.samples)} tokens, {n_resp} response positions, "
-                  f"fingerprint {ds.fingerprint}, skipped {ds.skipped or 0}")
+            print(prepare_report(ds))
     else:
         raise ValueError(f"unknown command group {args.group!r}")
     return 0

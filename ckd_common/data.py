@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from ckd_common.keys import image_hash, sample_key
-from ckd_common.templates import IGNORE_INDEX, IMAGE_MARKER, TemplateError, get_template
-from ckd_common.tokenizer import IMAGE_TOKEN
+from ckd_common.templates import IGNORE_INDEX, IMAGE_MARKER, QWEN2_BASE, TemplateError, get_template, with_image_first
+from ckd_common.tokenizer import IMAGE_TOKEN, pad_eos_warning
 
 DEFAULT_MAX_LENGTH = 2048
+# What the prepare report counts (docs/templates.md explains each against the reference).
+NOTE_IMAGE_INSERTED = ("image field but no <image> in the text: image put before the first question "
+                       "(the reference drops it)")
+NOTE_TRUNCATED = "longer than max_length: truncated (as the reference)"
 
 
 class DataError(ValueError):
@@ -60,6 +66,8 @@ class PreparedDataset:
     template: str
     num_visual_tokens: int
     skipped: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)    # NOTE_* -> count of samples
+    warnings: list[str] = field(default_factory=list)      # about the tokenizer (pad != eos)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,11 +133,38 @@ def load_image(path: Path, sid: str):
         raise DataError(f"sample {sid}: image {path} is unreadable ({e})") from None
 
 
-def preprocess_image(image, size: int) -> np.ndarray:
-    """SigLIP preprocessing (DESIGN.md §2): square resize bicubic, /255, (x - 0.5) / 0.5 -> [3,H,W] f32."""
+# SigLIP's processor mean (0.5) as LLaVA's expand2square fill: tuple(int(x * 255) for x in image_mean).
+PAD_COLOUR = (127, 127, 127)
+
+
+def expand_to_square(image, fill: tuple[int, int, int] = PAD_COLOUR):
+    """LLaVA-1.5 / TinyLLaVA ``expand2square``: the image centred on a square canvas of its longer
+    side (offset ``(long - short) // 2``), the rest filled with ``fill``."""
     from PIL import Image
 
-    im = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess_image(image, size: int, aspect_ratio: str) -> np.ndarray:
+    """The model's image preprocessing (DESIGN.md §2) -> [3, size, size] float32: for
+    ``aspect_ratio='pad'`` first :func:`expand_to_square`, then (both modes) SigLIP's bicubic
+    resize to ``size``², /255, (x - 0.5) / 0.5. The one implementation the server, the trainer and
+    eval call (with the model's ``ModelInfo.image_aspect_ratio``); the saved image processor
+    (ckd_common.model.save_vlm) does the same for stock tools."""
+    from PIL import Image
+
+    im = image.convert("RGB")
+    if aspect_ratio == "pad":
+        im = expand_to_square(im)
+    elif aspect_ratio != "square":
+        raise ValueError(f"image_aspect_ratio {aspect_ratio!r} is not supported; choose 'square' or 'pad'")
+    im = im.resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(im, dtype=np.float32) / 255.0
     return ((arr - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
@@ -146,6 +181,12 @@ class Preparer:
         self.image_root = Path(image_root) if image_root is not None else None
         self.max_length = int(max_length)
         self._encode_cache: dict[str, list[int]] = {}
+        self.notes: Counter = Counter()
+        self.warnings: list[str] = []
+        w = pad_eos_warning(tokenizer) if self.template.name == QWEN2_BASE else None
+        if w:
+            self.warnings.append(w)
+            warnings.warn(w, stacklevel=2)
 
     def _encode(self, text: str) -> list[int]:
         ids = self._encode_cache.get(text)
@@ -171,7 +212,9 @@ class Preparer:
         if n_tokens and not has_image:
             raise DataError(f"sample {sid}: the text has {IMAGE_TOKEN} but the sample has no 'image' field")
         if has_image and not n_tokens:  # common in the wild: the image goes before the first question
-            rounds[0] = (IMAGE_TOKEN + "\n" + rounds[0][0], rounds[0][1])
+            rounds = with_image_first(rounds)
+        # (pretrain renders "<image>" + caption whatever the question says, as the reference does)
+        notes = [NOTE_IMAGE_INSERTED] if has_image and not n_tokens and self.template.name == QWEN2_BASE else []
         if self.template.name == "pretrain" and not has_image:
             raise DataError(f"sample {sid}: the pretrain template needs an image")
 
@@ -198,11 +241,13 @@ class Preparer:
                 raise DataError(f"sample {sid}: max_length {self.max_length} would cut the visual span "
                                 f"[{visual_start}, {visual_start + nv}); raise --max-length or skip such samples")
             ids, labels = ids[:self.max_length], labels[:self.max_length]
+            notes.append(NOTE_TRUNCATED)
         input_ids = np.asarray(ids, dtype=np.int64)
         labels_arr = np.asarray(labels, dtype=np.int64)
         if not (labels_arr[1:] != IGNORE_INDEX).any():
             raise DataError(f"sample {sid}: no supervised token left (empty answer, or truncated away)")
         key = sample_key(self.template.name, input_ids, image_sha, nv)
+        self.notes.update(notes)
         return PreparedSample(sid, key, input_ids, labels_arr, visual_start, nv,
                               str(path) if path else None, image_sha)
 
@@ -225,7 +270,8 @@ class Preparer:
                     raise
                 reason = str(e).split(": ", 1)[-1].split(" (")[0][:80]
                 skipped[reason] = skipped.get(reason, 0) + 1
-        return PreparedDataset(samples, self.template.name, self.num_visual_tokens, skipped)
+        return PreparedDataset(samples, self.template.name, self.num_visual_tokens, skipped,
+                               dict(self.notes), list(self.warnings))
 
 
 def prepare_file(data: str | Path, tokenizer, template: str, num_visual_tokens: int, image_token_id: int,
@@ -236,9 +282,10 @@ def prepare_file(data: str | Path, tokenizer, template: str, num_visual_tokens: 
 
 
 def collate(samples: Sequence[PreparedSample], pad_id: int, image_size: int | None = None,
-            images: Sequence | None = None) -> dict:
+            images: Sequence | None = None, aspect_ratio: str | None = None) -> dict:
     """Right-padded batch tensors: input_ids, attention_mask, labels (+ pixel_values for the
-    samples with an image, in batch order)."""
+    samples with an image, in batch order, preprocessed with ``image_size`` and ``aspect_ratio``
+    unless ``images`` gives them)."""
     import torch
 
     L = max(s.length for s in samples)
@@ -253,9 +300,9 @@ def collate(samples: Sequence[PreparedSample], pad_id: int, image_size: int | No
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     with_image = [s for s in samples if s.has_image]
     if with_image:
-        if image_size is None:
-            raise ValueError("collate: image_size is required for samples with images")
-        pix = [preprocess_image(load_image(Path(s.image_path), s.id), image_size) for s in with_image] \
-            if images is None else list(images)
+        if images is None and (image_size is None or aspect_ratio is None):
+            raise ValueError("collate: image_size and aspect_ratio (the model's) are required for samples with images")
+        pix = [preprocess_image(load_image(Path(s.image_path), s.id), image_size, aspect_ratio)
+               for s in with_image] if images is None else list(images)
         batch["pixel_values"] = torch.from_numpy(np.stack(pix))
     return batch

@@ -3,10 +3,17 @@ from layer -2) + mlp2x_gelu connector + Qwen2 LLM (DESIGN.md §2).
 
 Loading is offline from local directories only:
 - an HF llava directory (``load_vlm``);
-- a TinyLLaVA-Factory checkpoint, converted to the HF layout (``convert_tinyllava``);
+- a TinyLLaVA-Factory checkpoint, converted to the HF layout (``convert_tinyllava``, in
+  ``ckd_common.tinyllava``);
 - a vision tower directory + an LLM directory + a fresh connector (``compose_vlm``);
 - tiny random presets for tests and the demo (``init_preset``).
 Weights are read with safetensors or ``torch.load(weights_only=True)``, never unpickled code.
+
+Every checkpoint is written by :func:`save_vlm`: besides weights and tokenizer it records what the
+model was trained with, so stock tools use it as we do — the image preprocessing
+(``image_aspect_ratio``: ``square`` | ``pad``, in config.json and the saved image processor), the
+conversation template (``ckd_template`` in config.json; its Jinja chat template on tokenizer and
+processor) and the stop token (generation_config.json's ``eos_token_id``).
 """
 from __future__ import annotations
 
@@ -18,10 +25,21 @@ from pathlib import Path
 
 import torch
 
+from ckd_common.templates import QWEN2_BASE
+
 # Our names for the vision feature strategy -> transformers' names. 'patch' drops SigLIP's first
 # token as TinyLLaVA/LLaVA-KD checkpoints do (728 tokens at 384/14); 'full' keeps all (729).
 STRATEGY_TO_HF = {"full": "full", "patch": "default"}
 HF_TO_STRATEGY = {v: k for k, v in STRATEGY_TO_HF.items()}
+# Image preprocessing before the SigLIP resize (LLaVA's / TinyLLaVA's ``image_aspect_ratio``):
+# 'square' resizes the image as it is; 'pad' first expands it to a square filled with the image
+# processor's mean colour (LLaVA-1.5's expand2square). ckd_common.data.preprocess_image owns it.
+IMAGE_ASPECT_RATIOS = ("square", "pad")
+DEFAULT_ASPECT_RATIO = "square"  # what every checkpoint without the field was trained with here
+TEMPLATE_CONFIG_KEY = "ckd_template"  # config.json: the conversation template the model was trained with
+# SigLIP's processor constants (DESIGN.md §2): 0.5 mean/std, bicubic; the pad colour is int(0.5*255).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 class ModelLoadError(RuntimeError):
@@ -64,6 +82,23 @@ def vision_strategy(config) -> str:
     return HF_TO_STRATEGY[config.vision_feature_select_strategy]
 
 
+def check_aspect_ratio(value: str, where: str = "image_aspect_ratio") -> str:
+    if value not in IMAGE_ASPECT_RATIOS:
+        raise ModelLoadError(f"{where}: image_aspect_ratio {value!r} is not supported; "
+                             f"choose one of {list(IMAGE_ASPECT_RATIOS)}")
+    return value
+
+
+def image_aspect_ratio(config) -> str:
+    """The image preprocessing a LlavaConfig was trained with ('square' when not recorded)."""
+    return getattr(config, "image_aspect_ratio", None) or DEFAULT_ASPECT_RATIO
+
+
+def model_template(config) -> str | None:
+    """The conversation template recorded in a checkpoint's config (None for other checkpoints)."""
+    return getattr(config, TEMPLATE_CONFIG_KEY, None)
+
+
 def num_visual_tokens(config) -> int:
     """Visual tokens per image for a LlavaConfig: (image/patch)^2, minus one for 'patch'."""
     vc = config.vision_config
@@ -75,40 +110,85 @@ def num_visual_tokens(config) -> int:
 # building
 
 
-def _llava_config(vision_config, text_config, strategy: str, image_token_id: int):
+def llava_config(vision_config, text_config, strategy: str, image_token_id: int, *,
+                 aspect_ratio: str = DEFAULT_ASPECT_RATIO, vision_feature_layer: int = -2):
     from transformers import LlavaConfig
 
     cfg = LlavaConfig(
         vision_config=vision_config, text_config=text_config,
-        vision_feature_layer=-2, vision_feature_select_strategy=hf_strategy(strategy),
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=hf_strategy(strategy),
         projector_hidden_act="gelu", image_token_index=image_token_id,
         multimodal_projector_bias=True,
     )
     cfg.image_seq_length = num_visual_tokens(cfg)
+    cfg.image_aspect_ratio = check_aspect_ratio(aspect_ratio)
     return cfg
 
 
-def _processor(tokenizer, vision_config, strategy: str):
-    from transformers import LlavaProcessor, SiglipImageProcessor
+def _image_processor(size: int, aspect_ratio: str):
+    """The stock image processor doing what ckd_common.data.preprocess_image does (PIL backend,
+    the one our parity tests cover): SigLIP's for 'square', LLaVA's with do_pad for 'pad'."""
+    from transformers import LlavaImageProcessorPil, SiglipImageProcessorPil
 
-    size = vision_config.image_size
-    image_processor = SiglipImageProcessor(
-        size={"height": size, "width": size}, resample=3, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                          patch_size=vision_config.patch_size,
-                          vision_feature_select_strategy=hf_strategy(strategy),
-                          image_token="<image>", num_additional_image_tokens=0)
-
-
-def _save(model, tokenizer, out_dir: Path, strategy: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    _processor(tokenizer, model.config.vision_config, strategy).save_pretrained(str(out_dir))
+    common = dict(size={"height": size, "width": size}, resample=3, do_resize=True, do_rescale=True,
+                  rescale_factor=1 / 255, do_normalize=True, image_mean=list(SIGLIP_MEAN),
+                  image_std=list(SIGLIP_STD))
+    if check_aspect_ratio(aspect_ratio) == "pad":
+        return LlavaImageProcessorPil(do_pad=True, do_center_crop=False, do_convert_rgb=True, **common)
+    return SiglipImageProcessorPil(**common)
 
 
-def init_preset(preset: str, out_dir: str | Path, strategy: str = "full", seed: int = 0):
+def _processor(tokenizer, config, template: str):
+    from transformers import LlavaProcessor
+
+    from ckd_common.templates import get_template
+
+    vc = config.vision_config
+    return LlavaProcessor(image_processor=_image_processor(vc.image_size, image_aspect_ratio(config)),
+                          tokenizer=tokenizer, patch_size=vc.patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          image_token="<image>", num_additional_image_tokens=0,
+                          chat_template=get_template(template).chat_template)
+
+
+def save_vlm(model, tokenizer, out_dir: str | Path, template: str) -> Path:
+    """Write a llava checkpoint that stock transformers uses exactly as this project does.
+
+    ``template`` is the conversation template the model was trained with (``ckd_common.templates``):
+    it goes into config.json (``ckd_template``), becomes the chat template of the tokenizer and the
+    processor, and its stop token becomes generation_config's ``eos_token_id`` (so ``generate``
+    stops at ``<|endoftext|>`` even when the tokenizer's own eos is ``<|im_end|>``). The image
+    preprocessing (config ``image_aspect_ratio``) selects the saved image processor."""
+    from ckd_common.templates import get_template
+
+    tpl = get_template(template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    check_aspect_ratio(image_aspect_ratio(cfg), f"{out}: config")
+    cfg.image_aspect_ratio = image_aspect_ratio(cfg)
+    setattr(cfg, TEMPLATE_CONFIG_KEY, tpl.name)
+    stop_id = tokenizer.convert_tokens_to_ids(tpl.stop_token)
+    if stop_id is None or stop_id == tokenizer.unk_token_id:
+        raise ModelLoadError(f"the tokenizer has no {tpl.stop_token!r} token, which ends every answer of "
+                             f"template {tpl.name!r}")
+    gen = model.generation_config
+    gen.eos_token_id = int(stop_id)
+    gen.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_id)
+    gen.bos_token_id = None
+    model.save_pretrained(str(out))
+    previous = tokenizer.chat_template
+    tokenizer.chat_template = tpl.chat_template
+    try:
+        tokenizer.save_pretrained(str(out))
+        _processor(tokenizer, cfg, tpl.name).save_pretrained(str(out))
+    finally:
+        tokenizer.chat_template = previous
+    return out
+
+
+def init_preset(preset: str, out_dir: str | Path, strategy: str = "full", seed: int = 0,
+                aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = QWEN2_BASE):
     """Write a random-initialised tiny llava checkpoint + tokenizer + processor to ``out_dir``."""
     from transformers import LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
 
@@ -127,12 +207,12 @@ def init_preset(preset: str, out_dir: str | Path, strategy: str = "full", seed: 
                        tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6,
                        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = SiglipVisionConfig(**TINY_VISION)
-    cfg = _llava_config(vision, text, strategy, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    cfg = llava_config(vision, text, strategy, tok.convert_tokens_to_ids(IMAGE_TOKEN), aspect_ratio=aspect_ratio)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     torch.manual_seed(VISION_SEED)
     model.model.vision_tower.load_state_dict(SiglipVisionModel(vision).state_dict())
-    _save(model, tok, out, strategy)
+    save_vlm(model, tok, out, template)
     return out
 
 
@@ -140,28 +220,13 @@ def init_preset(preset: str, out_dir: str | Path, strategy: str = "full", seed: 
 # loading
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def _find_weights(d: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a directory's weight files (single or sharded, safetensors or .bin)."""
-    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
-    if not files:
-        raise ModelLoadError(f"no weights (*.safetensors or pytorch_model*.bin) in {d}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(_read_state_dict(f))
-    return sd
-
-
 def is_tinyllava_dir(d: str | Path) -> bool:
-    d = Path(d)
-    return (d / "language_model").is_dir() and (d / "connector").is_dir() and (d / "vision_tower").is_dir()
+    """A TinyLLaVA-Factory checkpoint (any layout): its config.json says model_type 'tinyllava'."""
+    cfg = Path(d) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "tinyllava"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -174,95 +239,56 @@ def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: 
     if is_tinyllava_dir(d):
         raise ModelLoadError(f"{d} is a TinyLLaVA-Factory checkpoint; convert it first: "
                              f"ckd model convert --tinyllava {d} --out DIR")
-    model_type = json.loads((d / "config.json").read_text()).get("model_type")
+    raw = json.loads((d / "config.json").read_text())
+    model_type = raw.get("model_type")
     if model_type != "llava":
         raise ModelLoadError(f"{d}: model_type is {model_type!r}, expected 'llava' "
                              f"(use 'ckd model compose' to build one from a vision tower and an LLM)")
+    aspect = check_aspect_ratio(raw.get("image_aspect_ratio") or DEFAULT_ASPECT_RATIO, f"{d}/config.json")
+    _check_image_processor(d, aspect)
+    template = raw.get(TEMPLATE_CONFIG_KEY)
+    if template is not None:
+        from ckd_common.templates import TEMPLATE_NAMES
+
+        if template not in TEMPLATE_NAMES:
+            raise ModelLoadError(f"{d}/config.json: {TEMPLATE_CONFIG_KEY} {template!r} is not one of "
+                                 f"{list(TEMPLATE_NAMES)}")
     model = LlavaForConditionalGeneration.from_pretrained(str(d), dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     return model.to(device), tok
+
+
+def _check_image_processor(d: Path, aspect: str) -> None:
+    """The saved image processor must preprocess as config.json says (stock tools read the former,
+    we read the latter)."""
+    for name, get in (("processor_config.json", lambda c: c.get("image_processor")),  # transformers 5
+                      ("preprocessor_config.json", lambda c: c)):                     # transformers 4
+        path = d / name
+        if not path.is_file():
+            continue
+        image_processor = get(json.loads(path.read_text()))
+        if not isinstance(image_processor, dict):
+            continue
+        do_pad = bool(image_processor.get("do_pad", False))
+        if do_pad != (aspect == "pad"):
+            raise ModelLoadError(f"{d}: config.json says image_aspect_ratio {aspect!r} but {name} has "
+                                 f"do_pad={do_pad}; re-save the checkpoint (ckd_common.model.save_vlm) so both agree")
 
 
 def lm_head_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
-def convert_tinyllava(src: str | Path, dst: str | Path):
-    """Convert a TinyLLaVA-Factory checkpoint directory into the HF llava layout in ``dst``."""
-    from transformers import (AutoConfig, AutoTokenizer, LlavaForConditionalGeneration,
-                              SiglipVisionConfig)
+def convert_tinyllava(src: str | Path, dst: str | Path, template: str | None = None, progress: bool = False):
+    """Convert a TinyLLaVA-Factory checkpoint (any layout it writes) into the HF llava layout in
+    ``dst``; see ``ckd_common.tinyllava``. Returns the conversion report."""
+    from ckd_common.tinyllava import convert
 
-    from ckd_common.tokenizer import IMAGE_TOKEN
-
-    src, dst = Path(src), Path(dst)
-    problems = [f"{src / p} missing" for p in ("config.json", "language_model", "vision_tower", "connector")
-                if not (src / p).exists()]
-    if problems:
-        raise ModelLoadError("not a TinyLLaVA-Factory checkpoint: " + "; ".join(problems))
-    top = json.loads((src / "config.json").read_text())
-    strategy = top.get("vision_feature_select_strategy", "patch")
-    if strategy not in STRATEGY_TO_HF:
-        raise ModelLoadError(f"{src}/config.json: vision_feature_select_strategy {strategy!r} is not 'patch' or 'full'")
-    layer = top.get("vision_feature_layer", -2)
-    if layer != -2:
-        raise ModelLoadError(f"{src}/config.json: vision_feature_layer {layer} unsupported (only -2)")
-    connector = top.get("connector_type", "mlp2x_gelu")
-    if connector != "mlp2x_gelu":
-        raise ModelLoadError(f"{src}/config.json: connector_type {connector!r} unsupported (only mlp2x_gelu)")
-
-    text_cfg = AutoConfig.from_pretrained(str(src / "language_model"), local_files_only=True)
-    vision_cfg = SiglipVisionConfig.from_pretrained(str(src / "vision_tower"), local_files_only=True)
-    tok_dir = src if (src / "tokenizer_config.json").exists() else src / "language_model"
-    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    if IMAGE_TOKEN not in tok.get_vocab():
-        # Qwen's tokenizer has no <image>; its id lands among the unused embedding rows.
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_token_id >= text_cfg.vocab_size:
-        raise ModelLoadError(f"<image> would get id {image_token_id} >= the LLM's vocab {text_cfg.vocab_size}")
-
-    cfg = _llava_config(vision_cfg, text_cfg, strategy, image_token_id)
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
-    model = model.to_empty(device="cpu")
-
-    lm = _find_weights(src / "language_model")
-    emb_key = "model.embed_tokens.weight"
-    if "lm_head.weight" not in lm:  # tied (Qwen2.5 <= 3B): named_parameters() dropped it
-        lm["lm_head.weight"] = lm[emb_key]
-    body = {k[len("model."):]: v for k, v in lm.items() if k.startswith("model.")}
-    _load_exact(model.model.language_model, body, "language_model")
-    _load_exact(model.lm_head, {"weight": lm["lm_head.weight"]}, "lm_head")
-    vis = _find_weights(src / "vision_tower")
-    vis = {k.removeprefix("_vision_tower."): v for k, v in vis.items()}
-    _load_exact(model.model.vision_tower, vis, "vision_tower", allow_missing=("head.",))
-    con = _find_weights(src / "connector")
-    mapping = {"_connector.0.weight": "linear_1.weight", "_connector.0.bias": "linear_1.bias",
-               "_connector.2.weight": "linear_2.weight", "_connector.2.bias": "linear_2.bias"}
-    unknown = sorted(set(con) - set(mapping))
-    if unknown:
-        raise ModelLoadError(f"connector weights have unexpected keys {unknown}; expected {sorted(mapping)}")
-    _load_exact(model.model.multi_modal_projector, {mapping[k]: v for k, v in con.items()}, "connector")
-    _save(model, tok, dst, strategy)
-    return dst
-
-
-def _load_exact(module: torch.nn.Module, sd: dict, what: str, allow_missing: tuple[str, ...] = ()) -> None:
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.startswith(allow_missing)
-               and not k.endswith("position_ids")]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise ModelLoadError(f"{what}: weights do not match the config: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise ModelLoadError(f"{what}: {k} has shape {tuple(v.shape)}, config expects {tuple(own[k].shape)}")
-    module.load_state_dict(sd, strict=False, assign=True)
+    return convert(src, dst, template=template, progress=progress)
 
 
 def compose_vlm(vision_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, strategy: str = "full",
-                seed: int = 0):
+                seed: int = 0, aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = QWEN2_BASE):
     """A student to start DPT from: a SigLIP vision tower + a Qwen2 LLM + a fresh random connector."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration,
                               SiglipVisionConfig, SiglipVisionModel)
@@ -279,13 +305,13 @@ def compose_vlm(vision_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
     llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True, dtype=torch.float32)
     vision = SiglipVisionModel.from_pretrained(str(vision_dir), config=vcfg, local_files_only=True,
                                                dtype=torch.float32)
-    cfg = _llava_config(vcfg, llm.config, strategy, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    cfg = llava_config(vcfg, llm.config, strategy, tok.convert_tokens_to_ids(IMAGE_TOKEN), aspect_ratio=aspect_ratio)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    _save(model, tok, Path(out_dir), strategy)
+    save_vlm(model, tok, out_dir, template)
     return Path(out_dir)
 
 
@@ -306,6 +332,7 @@ class ModelInfo:
     vision_strategy: str
     image_size: int
     image_token_id: int
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO  # 'square' | 'pad': part of what the pixels are
 
     @property
     def common_vocab(self) -> int:
@@ -319,7 +346,8 @@ class ModelInfo:
 
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
-                        "use_cache", "output_hidden_states", "output_attentions", "return_dict"}
+                        "use_cache", "output_hidden_states", "output_attentions", "return_dict",
+                        TEMPLATE_CONFIG_KEY}  # the prompt format is checked on its own (cache template)
 
 
 def _canonical_config(cfg) -> dict:
@@ -327,7 +355,12 @@ def _canonical_config(cfg) -> dict:
         if isinstance(obj, dict):
             return {k: clean(v) for k, v in sorted(obj.items()) if k not in _IGNORED_CONFIG_KEYS}
         return obj
-    return clean(cfg.to_dict())
+    d = clean(cfg.to_dict())
+    # 'square' is what a checkpoint without the field means: same model, same fingerprint as before
+    # the field existed (so existing caches stay valid); 'pad' changes the pixels, hence the fingerprint.
+    if d.get("image_aspect_ratio", DEFAULT_ASPECT_RATIO) == DEFAULT_ASPECT_RATIO:
+        d.pop("image_aspect_ratio", None)
+    return d
 
 
 def model_fingerprint(model) -> str:
@@ -355,6 +388,7 @@ def model_info(model, tokenizer) -> ModelInfo:
         vision_strategy=vision_strategy(cfg),
         image_size=int(cfg.vision_config.image_size),
         image_token_id=int(cfg.image_token_id),
+        image_aspect_ratio=image_aspect_ratio(cfg),
     )
 
 

@@ -34,16 +34,20 @@ class TeacherInput:
         return int(self.input_ids.shape[0])
 
     @classmethod
-    def from_prepared(cls, sample, image_size: int | None = None, pixel_values: np.ndarray | None = None):
+    def from_prepared(cls, sample, image_size: int | None = None, pixel_values: np.ndarray | None = None,
+                      aspect_ratio: str | None = None):
+        """``image_size`` and ``aspect_ratio`` are the teacher's (ModelInfo), unless ``pixel_values``
+        are given."""
         from pathlib import Path
 
         from ckd_common.data import load_image, preprocess_image
 
         pix = pixel_values
         if pix is None and sample.has_image:
-            if image_size is None:
-                raise ValueError("TeacherInput.from_prepared: image_size is required for a sample with an image")
-            pix = preprocess_image(load_image(Path(sample.image_path), sample.id), image_size)
+            if image_size is None or aspect_ratio is None:
+                raise ValueError("TeacherInput.from_prepared: image_size and aspect_ratio are required for a "
+                                 "sample with an image")
+            pix = preprocess_image(load_image(Path(sample.image_path), sample.id), image_size, aspect_ratio)
         return cls(sample.key, sample.input_ids, sample.response_positions, sample.visual_start,
                    sample.num_visual, pix)
 

@@ -20,11 +20,6 @@ IM_END = "<|im_end|>"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN)
 
-# Qwen2.5's chat template (simplified: no tools). Present so AutoTokenizer users get one.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
-)
 
 
 def _train_bpe(words: Counter, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -91,8 +86,7 @@ def save_tiny_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int 
         model_max_length=2048,
         padding_side="right",
     )
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))  # a checkpoint's chat template is its template's (model.save_vlm)
     return tok
 
 
@@ -108,3 +102,21 @@ def tokenizer_hash(tokenizer) -> str:
     h.update(json.dumps(spec, sort_keys=True).encode())
     h.update(json.dumps({"eos": tokenizer.eos_token, "pad": tokenizer.pad_token}).encode())
     return h.hexdigest()[:32]
+
+
+def pad_eos_warning(tokenizer) -> str | None:
+    """A warning when the tokenizer's pad token differs from its eos token, else None.
+
+    TinyLLaVA-Factory / LLaVA-KD count a sample's tokens as those != pad and add the
+    ``<|endoftext|>`` count back only when pad == eos; with another pad (Qwen2.5-Instruct
+    tokenizers: pad ``<|endoftext|>``, eos ``<|im_end|>``) every ``qwen2_base`` sample fails their
+    length check and is masked out entirely. This project's masking does not depend on pad or eos,
+    and generation stops at the template's stop token, so such a tokenizer works here, but a
+    reference run on the same data would not have trained on it."""
+    pad, eos = tokenizer.pad_token, tokenizer.eos_token
+    if pad is None or pad == eos:
+        return None
+    return (f"tokenizer pad token {pad!r} differs from its eos token {eos!r}: TinyLLaVA-Factory/LLaVA-KD's "
+            f"label masking assumes they are equal (it masks every qwen2_base sample with such a tokenizer); "
+            f"this project masks by the template and stops generation at {ENDOFTEXT!r}, so results are "
+            f"unaffected here, but they are not comparable with a reference run on this tokenizer")

@@ -40,7 +40,8 @@ from .store import open_group
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 INFO_FIELDS_THAT_MUST_AGREE = ("teacher_fingerprint", "tokenizer_hash", "vocab_size", "tokenizer_vocab_size",
-                               "num_visual_tokens", "vision_strategy", "image_size", "image_token_id")
+                               "num_visual_tokens", "vision_strategy", "image_size", "image_aspect_ratio",
+                               "image_token_id")
 
 
 class FillError(RuntimeError):
@@ -437,6 +438,7 @@ def fill(opts: FillOptions) -> FillStats:
                      # same convention as student_trainer.cachefill: text-only data has no vision fields
                      vision_strategy=info["vision_strategy"] if has_image else "none",
                      num_visual_tokens=int(info["num_visual_tokens"]) if has_image else 0,
+                     image_aspect_ratio=info.get("image_aspect_ratio", "square"),
                      value_encoding=opts.encoding,
                      target_kinds=[t for t in ("text", "visual", "autocorr") if t in info.get("target_kinds", [])])
     try:

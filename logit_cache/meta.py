@@ -51,6 +51,8 @@ class CacheMeta:
     k: int
     vision_strategy: str = "none"          # e.g. 'full' / 'default'; 'none' for text-only data
     num_visual_tokens: int = 0             # Nv per image sample; 0 for text-only data
+    image_aspect_ratio: str = "square"     # the teacher's image preprocessing: 'square' or 'pad' (groups
+                                           # written before the field existed were all 'square')
     value_encoding: str = "f16"            # 'f16' or 'q8' (see FORMAT.md)
     target_kinds: list[str] = field(default_factory=lambda: ["text", "visual", "autocorr"])
     temperature: float = 1.0

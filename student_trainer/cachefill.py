@@ -31,7 +31,8 @@ def fill_cache(teacher_dir: str | Path, data: str | Path, images: str | Path | N
     meta = CacheMeta(teacher_fingerprint=info.fingerprint, tokenizer_hash=info.tokenizer_hash, template=ds.template,
                      dataset_fingerprint=ds.fingerprint, vocab_size=vocab, k=k,
                      vision_strategy=info.vision_strategy if has_image else "none",
-                     num_visual_tokens=info.num_visual_tokens if has_image else 0)
+                     num_visual_tokens=info.num_visual_tokens if has_image else 0,
+                     image_aspect_ratio=info.image_aspect_ratio)
     group = open_group(cache_root, meta=meta, create=True)
     runner = TeacherRunner(model, vocab_limit=vocab)
     samples = ds.samples[:limit] if limit is not None else ds.samples
@@ -39,7 +40,7 @@ def fill_cache(teacher_dir: str | Path, data: str | Path, images: str | Path | N
     todo = list({s.key: s for s in samples if s.key not in done}.values())  # identical samples share a key
     with torch.no_grad(), group.writer() as w:
         for i in range(0, len(todo), batch_size):
-            inputs = [TeacherInput.from_prepared(s, info.image_size) for s in todo[i:i + batch_size]]
+            inputs = [TeacherInput.from_prepared(s, info.image_size, aspect_ratio=info.image_aspect_ratio) for s in todo[i:i + batch_size]]
             for t in runner.targets(inputs, k):
                 w.add(t)
     return group.name

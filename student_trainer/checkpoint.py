@@ -65,18 +65,19 @@ def clean_partial(out: Path) -> list[str]:
     return removed
 
 
-def save_hf(model, tokenizer, out_dir: Path, strategy: str, zero_stage: int) -> None:
-    """HF llava layout (model + tokenizer + processor). Under ZeRO-3 the weights are gathered."""
-    from ckd_common.model import _save
+def save_hf(model, tokenizer, out_dir: Path, template: str, zero_stage: int) -> None:
+    """HF llava layout (model + tokenizer + processor, with ``template`` — the step's — as the chat
+    template, see ckd_common.model.save_vlm). Under ZeRO-3 the weights are gathered."""
+    from ckd_common.model import save_vlm
 
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if _rank() == 0:
-                _save(model, tokenizer, out_dir, strategy)
+                save_vlm(model, tokenizer, out_dir, template)
     elif _rank() == 0:
-        _save(model, tokenizer, out_dir, strategy)
+        save_vlm(model, tokenizer, out_dir, template)
 
 
 def _rank() -> int:
@@ -88,7 +89,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(engine, model, tokenizer, out: Path, name: str, *, strategy: str, zero_stage: int,
+def save_checkpoint(engine, model, tokenizer, out: Path, name: str, *, template: str, zero_stage: int,
                     state: dict, config, extra_files: dict[str, str] | None = None, with_ds: bool = True) -> Path:
     """Write checkpoint ``out/name`` atomically; returns its path. Collective: call on every rank."""
     from student_trainer.config import CONFIG_FILE
@@ -102,7 +103,7 @@ def save_checkpoint(engine, model, tokenizer, out: Path, name: str, *, strategy:
     if with_ds:
         engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state=state.get("client_state", {}),
                                exclude_frozen_parameters=True)
-    save_hf(model, tokenizer, tmp, strategy, zero_stage)
+    save_hf(model, tokenizer, tmp, template, zero_stage)
     _barrier()
     if _rank() == 0:
         config.save(tmp / CONFIG_FILE)

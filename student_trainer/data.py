@@ -45,6 +45,7 @@ def expected_cache_meta(dataset, info, teacher_fingerprint: str | None = None) -
     if any(s.has_image for s in dataset.samples):
         exp["vision_strategy"] = info.vision_strategy
         exp["num_visual_tokens"] = info.num_visual_tokens
+        exp["image_aspect_ratio"] = info.image_aspect_ratio
     if teacher_fingerprint:
         exp["teacher_fingerprint"] = teacher_fingerprint
     return exp
@@ -151,15 +152,16 @@ class MicroBatches(torch.utils.data.Dataset):
     """Item i = the collated i-th micro-batch of this rank (from ``start_step`` on), with targets."""
 
     def __init__(self, samples: list[PreparedSample], micro: list[list[int]], pad_id: int, image_size: int,
-                 reader=None):
+                 reader=None, aspect_ratio: str | None = None):
         self.samples, self.micro, self.pad_id, self.image_size, self.reader = samples, micro, pad_id, image_size, reader
+        self.aspect_ratio = aspect_ratio  # the student's image preprocessing (ModelInfo.image_aspect_ratio)
 
     def __len__(self) -> int:
         return len(self.micro)
 
     def __getitem__(self, i: int) -> dict:
         batch_samples = [self.samples[j] for j in self.micro[i]]
-        batch = collate(batch_samples, self.pad_id, self.image_size)
+        batch = collate(batch_samples, self.pad_id, self.image_size, aspect_ratio=self.aspect_ratio)
         if self.reader is not None:
             targets = self.reader.get_many([s.key for s in batch_samples])
         else:

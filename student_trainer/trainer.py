@@ -248,7 +248,8 @@ def train(cfg: TrainConfig) -> RunResult:
     feedback = Feedback(out, total_steps, start_step, enabled=is0, progress=cfg.progress,
                         tensorboard=cfg.tensorboard, terms=terms, desc=f"{spec.name}")
     micro = [mb for st in schedule.steps[start_step:] for mb in st[rank]]
-    loader = make_loader(MicroBatches(samples, micro, tok.pad_token_id, info.image_size, reader),
+    loader = make_loader(MicroBatches(samples, micro, tok.pad_token_id, info.image_size, reader,
+                                      aspect_ratio=info.image_aspect_ratio),
                          cfg.num_workers, cfg.prefetch)
     it = iter(loader)
     weights = cfg.weights
@@ -304,7 +305,7 @@ def train(cfg: TrainConfig) -> RunResult:
             feedback.step(rec)
             done = step + 1
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                ckpt.save_checkpoint(engine, vlm, tok, out, ckpt.checkpoint_name(done), strategy=info.vision_strategy,
+                ckpt.save_checkpoint(engine, vlm, tok, out, ckpt.checkpoint_name(done), template=spec.template,
                                      zero_stage=cfg.zero_stage, state=state(done), config=cfg)
                 ckpt.prune(out, cfg.keep_last)
             if cfg.step_delay:
@@ -325,7 +326,7 @@ def train(cfg: TrainConfig) -> RunResult:
             "wall_s_this_process": time.perf_counter() - t_run, "data_wait_fraction": wait_fraction,
             "final": str(out / ckpt.FINAL)})
         extra = {SUMMARY: json.dumps(summary, indent=2)}
-    final = ckpt.save_checkpoint(engine, vlm, tok, out, ckpt.FINAL, strategy=info.vision_strategy,
+    final = ckpt.save_checkpoint(engine, vlm, tok, out, ckpt.FINAL, template=spec.template,
                                  zero_stage=cfg.zero_stage, state=state(total_steps), config=cfg, extra_files=extra)
     if is0:
         (out / SUMMARY).write_text(extra[SUMMARY])

@@ -27,6 +27,8 @@ class Info(BaseModel):
     num_visual_tokens: int
     vision_strategy: str
     image_size: int
+    image_aspect_ratio: str = Field("square", description="image preprocessing: 'square' or 'pad' (expand to a "
+                                    "square with the mean colour, then resize)")
     image_token_id: int
     dtype: str
     device: str

@@ -94,7 +94,8 @@ class TeacherService:
                     vocab_size=m.vocab_size, tokenizer_vocab_size=m.tokenizer_vocab_size,
                     common_vocab_size=self.common_vocab, hidden_size=m.hidden_size,
                     num_visual_tokens=m.num_visual_tokens, vision_strategy=m.vision_strategy,
-                    image_size=m.image_size, image_token_id=m.image_token_id, dtype=d.dtype, device=d.device,
+                    image_size=m.image_size, image_aspect_ratio=m.image_aspect_ratio,
+                    image_token_id=m.image_token_id, dtype=d.dtype, device=d.device,
                     max_k=self.cfg.max_k, max_batch_tokens=self.cfg.max_batch_tokens,
                     max_request_samples=self.cfg.max_request_samples,
                     max_request_tokens=self.cfg.max_request_tokens, max_body_bytes=self.cfg.max_body_bytes,
@@ -195,7 +196,7 @@ class TeacherService:
                 raise InvalidSample(f"{who}: the visual span [{vs}, {vs + s.num_visual}) must hold exactly the "
                                     f"{s.num_visual} image tokens (id {m.image_token_id}) of the sample; found "
                                     f"{n_image_tokens} image tokens")
-            pixels = self._decode_image(who, s.image, m.image_size)
+            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio)
         else:
             if s.num_visual != 0 or n_image_tokens:
                 raise InvalidSample(f"{who}: no image was sent, but the sample has num_visual={s.num_visual} "
@@ -213,7 +214,7 @@ class TeacherService:
         return inp
 
     @staticmethod
-    def _decode_image(who: str, data: bytes, size: int) -> np.ndarray:
+    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str) -> np.ndarray:
         from PIL import Image
 
         try:
@@ -223,7 +224,7 @@ class TeacherService:
                     raise InvalidSample(f"{who}: the image is {w}x{h} pixels, more than the server decodes "
                                         f"({MAX_IMAGE_PIXELS} pixels); downscale it")
                 im.load()
-                return preprocess_image(im, size)
+                return preprocess_image(im, size, aspect_ratio)
         except InvalidSample:
             raise
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files

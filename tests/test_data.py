@@ -57,7 +57,7 @@ def test_visual_span_for_both_strategies(strategy, expected_nv, student, patch_s
     enc = proc(images=Image.open(img_dir / "img.png"), text="<image>hi", return_tensors="np")
     assert (enc["input_ids"] == model.config.image_token_id).sum() == expected_nv
     # and the model accepts the prepared sample (image features fill exactly the span)
-    batch = collate([s], tok.pad_token_id, model.config.vision_config.image_size)
+    batch = collate([s], tok.pad_token_id, model.config.vision_config.image_size, aspect_ratio="square")
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     assert out.logits.shape[1] == s.length
 
@@ -174,7 +174,7 @@ def test_preprocess_matches_siglip_image_processor():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
     ref = SiglipImageProcessor(size={"height": 56, "width": 56})(images=img, return_tensors="np")["pixel_values"][0]
-    ours = preprocess_image(img, 56)
+    ours = preprocess_image(img, 56, "square")
     assert ours.shape == ref.shape == (3, 56, 56)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -195,3 +195,19 @@ def test_synth_is_deterministic_and_well_formed(tmp_path, student):
         ds = prepare_file(tmp_path / "a" / f, tok, t, info.num_visual_tokens, info.image_token_id,
                           tmp_path / "a" / "images")
         assert len(ds) == 10
+
+
+def test_prepare_report_counts_deviations_and_warnings(tmp_path, capsys):
+    """`ckd data prepare` tells which samples are rendered differently from the reference."""
+    from ckd_common.cli import main as ckd_main
+
+    model_dir = init_preset("tiny-student", tmp_path / "m")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "img.png")
+    recs = [_record("a"), _record("b", conv=[{"from": "human", "value": "What colour is it?"},
+                                             {"from": "gpt", "value": "red"}])]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    assert ckd_main(["data", "prepare", "--model", str(model_dir), "--data", str(tmp_path / "d.json"),
+                     "--images", str(tmp_path), "--template", "qwen2_base"]) == 0
+    out = capsys.readouterr().out
+    assert "2 samples" in out and "1 sample(s): image field but no <image> in the text" in out
+    assert "docs/templates.md" in out

@@ -226,3 +226,31 @@ def test_all_paper_benchmarks_run_on_the_llava_layout(tiny_student, synth_dir, t
     mmmu_recs = _lines(out / "mmmu" / "answers.jsonl")
     assert mmmu_recs[1]["text"] == "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"   # no image: not generated
     assert results["mme"]["details"]["subtasks"]["existence"]["questions"] == 2
+
+
+@pytest.mark.parametrize("bench", ["vqav2", "gqa", "textvqa", "sqa", "mme", "pope", "mmmu"])
+def test_missing_inputs_name_the_public_source_and_version(bench, tmp_path, capsys):
+    from student_trainer.eval.scorers import get_benchmark
+
+    source = get_benchmark(bench).source
+    assert main(["--model", "m", "--bench", bench, "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"source: {source}" in err and len(err.strip().splitlines()) == 1
+    versions = {"vqav2": "test2015", "gqa": "1.2 testdev-balanced", "textvqa": "v0.5.1", "sqa": "pid_splits.json",
+                "mme": "full MME_Benchmark_release_version tree", "pope": "e3e39262", "mmmu": "validation"}
+    assert versions[bench] in source
+
+
+def test_pope_labels_of_the_default_branch_are_refused_naming_the_commit(tmp_path):
+    """LLaVA-1.5's 8,910 questions use POPE's labels at e3e39262 (2,910 random); the default branch has 3,000."""
+    from student_trainer.eval.scorers import pope
+
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "coco_pope_random.json").write_text("".join(
+        json.dumps({"question_id": i, "image": f"{i}.jpg", "text": "Is there a dog?", "label": "yes"}) + "\n"
+        for i in range(3000)))
+    questions = [{"question_id": i, "image": f"{i}.jpg", "category": "random"} for i in range(2910)]
+    answers = [{"question_id": i, "text": "Yes"} for i in range(2910)]
+    with pytest.raises(EvalError, match=r"2910 questions but .*coco_pope_random.json has 3000 lines .*"
+                                        r"commit e3e39262.*3,000 on the default branch"):
+        pope.score(answers, tmp_path / "coco", questions=questions)

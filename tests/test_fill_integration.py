@@ -72,7 +72,8 @@ def test_fill_equals_in_process_teacher_and_verifies(server, tiny_models, synth_
     cached = _read_all(tmp_path / "cache")
     assert set(cached) == keys
     runner = TeacherRunner(model, vocab_limit=info.common_vocab)
-    want = runner.targets([TeacherInput.from_prepared(s, info.image_size) for s in ds.samples], K)
+    want = runner.targets([TeacherInput.from_prepared(s, info.image_size, aspect_ratio=info.image_aspect_ratio)
+                           for s in ds.samples], K)
     assert any(w.visual is not None for w in want) and any(w.visual is None for w in want)
     for w in want:
         assert_targets_close(cached[w.key], w)

@@ -101,7 +101,8 @@ def test_targets_equal_in_process_teacher(client, info, samples, tiny_models):
     assert got.teacher_fingerprint == info["teacher_fingerprint"] and got.k == 8
     model, _ = load_vlm(tiny_models["tiny-teacher"])
     runner = TeacherRunner(model, vocab_limit=info["common_vocab_size"])
-    want = runner.targets([TeacherInput.from_prepared(s, info["image_size"]) for s in samples], 8)
+    want = runner.targets([TeacherInput.from_prepared(s, info["image_size"], aspect_ratio=info["image_aspect_ratio"])
+                           for s in samples], 8)
     for g, w in zip(got.targets, want):
         assert g.key == w.key
         np.testing.assert_array_equal(g.text.ids, w.text.ids)

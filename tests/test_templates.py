@@ -75,3 +75,55 @@ def test_unknown_template():
 def test_generation_prompt_ends_with_assistant():
     p = get_template("qwen2_base").prompt_for_generation("What colour?", has_image=True)
     assert p == SYSTEM_PROMPT + " USER: <image>\nWhat colour? ASSISTANT:"
+
+
+def test_image_only_question_has_no_newline_after_the_image():
+    """The reference strips the formatted question: "<image>\\n" + "" -> "<image>"."""
+    t = get_template("qwen2_base")
+    assert t.prompt([("<image>", "a")]).endswith("USER: <image> ASSISTANT: a<|endoftext|>")
+    assert t.prompt_for_generation("", has_image=True).endswith("USER: <image> ASSISTANT:")
+    assert t.prompt_for_generation("  ", has_image=True).endswith("USER: <image> ASSISTANT:")
+
+
+def _chat(messages, template, add_generation_prompt=True):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(get_template(template).chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def _user(q, as_parts):
+    if not as_parts or "<image>" not in q:
+        return {"role": "user", "content": q}
+    before, after = q.split("<image>")
+    parts = ([{"type": "text", "text": before}] if before else []) + [{"type": "image"}]
+    return {"role": "user", "content": parts + ([{"type": "text", "text": after}] if after else [])}
+
+
+@pytest.mark.parametrize("as_parts", [False, True])
+@pytest.mark.parametrize("rounds", [
+    [("<image>\nWhat colour?", None)],
+    [("<image>", None)],
+    [("What colour?\n<image>", None)],
+    [("<image>\n  What colour?  ", "red"), ("How many?", None)],
+    [("How many?", "2"), ("Where?\n<image>", " top"), ("And 你好 🙂?", None)],
+    [("Text only.", "yes"), ("Again?", "no")],
+])
+def test_chat_template_renders_the_project_prompt(rounds, as_parts):
+    """The Jinja chat template saved with every checkpoint = Template.prompt, string for string."""
+    messages = []
+    for q, a in rounds:
+        messages.append(_user(q, as_parts))
+        if a is not None:
+            messages.append({"role": "assistant", "content": a})
+    open_end = rounds[-1][1] is None
+    assert _chat(messages, "qwen2_base", open_end) == get_template("qwen2_base").prompt(rounds)
+
+
+def test_chat_template_system_message_and_pretrain():
+    assert _chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "qwen2_base") == \
+        "Be brief. USER: Hi ASSISTANT:"
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}
+    assert _chat([user], "pretrain") == get_template("pretrain").prompt_for_generation("Describe.", True) == "<image>"
+    assert _chat([user, {"role": "assistant", "content": "A red circle."}], "pretrain", False) == \
+        get_template("pretrain").prompt([("<image>\nDescribe.", "A red circle.")]) == "<image>A red circle.\n"

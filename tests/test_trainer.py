@@ -237,8 +237,8 @@ def test_interrupted_save_never_looks_complete(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.save_checkpoint(Boom(), None, None, tmp_path, ckpt.checkpoint_name(5), strategy="full", zero_stage=0,
-                             state={"step": 5}, config=None)
+        ckpt.save_checkpoint(Boom(), None, None, tmp_path, ckpt.checkpoint_name(5), template="qwen2_base",
+                             zero_stage=0, state={"step": 5}, config=None)
     assert not (tmp_path / "checkpoint-000005").exists()
     assert ckpt.latest_resumable(tmp_path) is None and ckpt.complete_checkpoints(tmp_path) == []
     assert ckpt.clean_partial(tmp_path) == [".tmp-checkpoint-000005"]
@@ -258,7 +258,8 @@ def _student_dataset(tiny_models, synth_dir, data="instruct.json", template="qwe
 
 
 @pytest.mark.parametrize("field,value", [("tokenizer_hash", "0123456789abcdef"), ("vocab_size", 400),
-                                         ("num_visual_tokens", 15), ("template", "pretrain")])
+                                         ("num_visual_tokens", 15), ("template", "pretrain"),
+                                         ("image_aspect_ratio", "pad")])  # a pad teacher, a square student
 def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_models, synth_dir, tmp_path, capsys):
     from logit_cache import CacheMeta, open_group
 

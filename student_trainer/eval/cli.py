@@ -31,7 +31,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF llava model directory (run)")
     p.add_argument("--data-root", help="evaluation data root in the LLaVA-1.5 layout (see README)")
     p.add_argument("--out", help="output directory: <out>/<bench>/answers.jsonl, result.json; <out>/results.json")
-    p.add_argument("--template", default="qwen2_base")
+    p.add_argument("--template", default=None,
+                   help="conversation template; default: the one the checkpoint records, else qwen2_base")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override the per-benchmark limit (128; 1024 for ScienceQA)")
@@ -74,10 +75,10 @@ def _check_inputs(bench: Benchmark, questions: Path, annotations: Path) -> None:
     layout = f"--data-root/{bench.questions}"
     if not questions.is_file():
         raise EvalError(f"{bench.name}: question file {questions} not found (expected layout: {layout}; "
-                        f"see student_trainer/eval/README.md)")
+                        f"source: {bench.source}; see student_trainer/eval/README.md)")
     if not annotations.exists():
         raise EvalError(f"{bench.name}: annotations {annotations} not found (expected layout: "
-                        f"--data-root/{bench.annotations}; see student_trainer/eval/README.md)")
+                        f"--data-root/{bench.annotations}; source: {bench.source}; see student_trainer/eval/README.md)")
 
 
 def _benches(spec: str | None) -> list[Benchmark]:
@@ -208,11 +209,11 @@ def _score(args) -> int:
     else:
         raise EvalError(f"{b.name}: give --annotations (expected: {b.annotations}) or --data-root")
     if not ann.exists():
-        raise EvalError(f"{b.name}: annotations {ann} not found (expected: {b.annotations})")
+        raise EvalError(f"{b.name}: annotations {ann} not found (expected: {b.annotations}; source: {b.source})")
     qpath = Path(args.questions) if args.questions else (_paths(b, root, {})[0] if root is not None else None)
     if qpath is not None and not qpath.is_file():
         if args.questions or b.needs_questions:
-            raise EvalError(f"{b.name}: question file {qpath} not found (expected: {b.questions})")
+            raise EvalError(f"{b.name}: question file {qpath} not found (expected: {b.questions}; source: {b.source})")
         qpath = None
     out = Path(args.out) if args.out else Path(args.answers).parent
     res = score_file(b, Path(args.answers), ann, qpath, out_dir=out, allow_partial=args.allow_partial)

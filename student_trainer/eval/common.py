@@ -16,7 +16,7 @@ from typing import Any
 
 # Bump when the prompt construction changes (suffixes, template use, image placement): answers
 # produced under another prompt version are not comparable.
-PROMPT_VERSION = "llava15-eval-prompts/1"
+PROMPT_VERSION = "llava15-eval-prompts/2"  # 2: an empty question renders "USER: <image> ASSISTANT:"
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 MULTI_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 

@@ -1,9 +1,12 @@
 """Batched greedy answer generation into resumable LLaVA-format answer files.
 
 The prompt is the model template's generation prompt (``qwen2_base``: system prompt, ``USER:``,
-``<image>\\n`` in front of the question, ending in ``ASSISTANT:``); ``<image>`` becomes the model's
-visual-token count of image-token ids, batches are LEFT-padded, ``generate`` runs greedy (no
-sampling, one beam) up to ``max_new_tokens`` and stops at the tokenizer's eos (``<|endoftext|>``);
+``<image>\\n`` in front of the question, ending in ``ASSISTANT:``) — the string the checkpoint's chat
+template renders; ``<image>`` becomes the model's visual-token count of image-token ids, images are
+preprocessed as the model was trained (``image_aspect_ratio``), batches are LEFT-padded,
+``generate`` runs greedy (no sampling, one beam) up to ``max_new_tokens`` and stops at the
+template's stop token ``<|endoftext|>`` (not the tokenizer's eos, which is ``<|im_end|>`` for
+Qwen2.5-Instruct tokenizers);
 the decoded continuation is stripped, as LLaVA's ``model_vqa_loader`` does. Questions without an
 image are generated text-only.
 
@@ -78,18 +81,19 @@ def check_images(items: list[Item], bench: Benchmark, image_root: Path) -> None:
     for it in items:
         if it.image is not None and it.fixed_text is None and not it.image.is_file():
             raise EvalError(f"{bench.name}: image {it.image} (question {it.question_id!r}) not found; expected "
-                            f"the images under --data-root/{bench.images} (here {image_root})")
+                            f"the images under --data-root/{bench.images} (here {image_root}); source: {bench.source}")
 
 
 class Generator:
     """A loaded model + tokenizer + template that turns questions into answers."""
 
-    def __init__(self, model_dir: str | os.PathLike, template: str = "qwen2_base", device: str = "cpu",
+    def __init__(self, model_dir: str | os.PathLike, template: str | None = None, device: str = "cpu",
                  dtype: str = "float32"):
+        """``template`` None = the one the checkpoint records (``ckd_template``), else qwen2_base."""
         import torch
 
-        from ckd_common.model import load_vlm, model_info
-        from ckd_common.templates import get_template
+        from ckd_common.model import load_vlm, model_info, model_template
+        from ckd_common.templates import QWEN2_BASE, get_template
 
         self.torch = torch
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -99,8 +103,8 @@ class Generator:
         self.device = device
         self.dtype = torch_dtype
         self.info = model_info(self.model, self.tok)
-        self.template = get_template(template)
-        self.eos_id = self.tok.eos_token_id
+        self.template = get_template(template or model_template(self.model.config) or QWEN2_BASE)
+        self.eos_id = self.tok.convert_tokens_to_ids(self.template.stop_token)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
 
     @property
@@ -123,7 +127,8 @@ class Generator:
     def _pixels(self, path: Path):
         from ckd_common.data import load_image, preprocess_image
 
-        return self.torch.from_numpy(preprocess_image(load_image(path, str(path)), self.info.image_size))
+        return self.torch.from_numpy(preprocess_image(load_image(path, str(path)), self.info.image_size,
+                                                     self.info.image_aspect_ratio))
 
     def generate(self, items: list[Item], max_new_tokens: int) -> list[str]:
         """Answers of one batch (same order as ``items``)."""

@@ -33,6 +33,11 @@ class Benchmark:
     def official(self) -> str:
         return self.scorer.OFFICIAL
 
+    @property
+    def source(self) -> str:
+        """Where the inputs come from, in the version the official numbers use (README, errors)."""
+        return self.scorer.SOURCE
+
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("vqav2", vqav2, "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "vqav2/test2015",

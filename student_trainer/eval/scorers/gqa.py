@@ -17,6 +17,11 @@ from student_trainer.eval.common import EvalError, read_json, require_complete, 
 
 OFFICIAL = "LLaVA scripts/convert_gqa_for_eval.py + GQA eval.py"
 VERSION = "gqa/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("GQA 1.2 testdev-balanced (cs.stanford.edu/people/dorarad/gqa/download.html: questions1.2.zip -> "
+          "testdev_balanced_questions.json, 12,578 questions; images.zip) + LLaVA-1.5's eval.zip "
+          "(gqa/llava_gqa_testdev_balanced.jsonl)")
 
 
 def convert(answers) -> list[dict]:
@@ -24,10 +29,15 @@ def convert(answers) -> list[dict]:
 
 
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False) -> dict:
-    qs = read_json(annotations, "GQA questions", "gqa/testdev_balanced_questions.json ({id: {answer, isBalanced, ...}})")
+    qs = read_json(annotations, "GQA questions", "gqa/testdev_balanced_questions.json ({id: {answer, isBalanced, "
+                   f"...}}); source: {SOURCE}")
     if not isinstance(qs, dict):
-        raise EvalError(f"GQA annotations {annotations}: expected an object keyed by question id")
+        raise EvalError(f"GQA annotations {annotations}: expected an object keyed by question id; source: {SOURCE}")
     preds = {str(p["questionId"]): p["prediction"] for p in convert(answers)}
+    unknown = [qid for qid in preds if qid not in qs]
+    if unknown:
+        raise EvalError(f"GQA: {len(unknown)} answered questions are not in {annotations} (e.g. {unknown[0]!r}): "
+                        f"another split or version? source: {SOURCE}")
     balanced = {qid: q for qid, q in qs.items() if q.get("isBalanced", True)}
     missing = [qid for qid in balanced if qid not in preds]
     require_complete(len(missing), len(balanced), "gqa", allow_partial)

@@ -28,6 +28,11 @@ from student_trainer.eval.common import EvalError
 
 OFFICIAL = "LLaVA MME/convert_answer_to_mme.py + MME eval_tool/calculation.py"
 VERSION = "mme/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("MME (released by its authors on request, github.com/BradyFU/Awesome-Multimodal-Large-Language-Models/"
+          "tree/Evaluation): the full MME_Benchmark_release_version tree (14 subtask folders, 2,374 questions) + "
+          "LLaVA-1.5's eval.zip (MME/llava_mme.jsonl)")
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 SHORT = "Answer the question using a single word or phrase."
@@ -50,7 +55,7 @@ def parse_yes_no(text: str) -> str:
 
 def load_gt(root: Path) -> dict[tuple[str, str, str], str]:
     if not root.is_dir():
-        raise EvalError(f"MME ground truth: directory {root} not found (expected layout: {LAYOUT})")
+        raise EvalError(f"MME ground truth: directory {root} not found (expected layout: {LAYOUT}; source: {SOURCE})")
     gt = {}
     for category in sorted(os.listdir(root)):
         cdir = root / category
@@ -58,7 +63,7 @@ def load_gt(root: Path) -> dict[tuple[str, str, str], str]:
             continue
         qa = cdir / "questions_answers_YN" if (cdir / "images").exists() else cdir
         if not qa.is_dir():
-            raise EvalError(f"MME ground truth: {qa} missing (expected layout: {LAYOUT})")
+            raise EvalError(f"MME ground truth: {qa} missing (expected layout: {LAYOUT}; source: {SOURCE})")
         for name in sorted(os.listdir(qa)):
             if not name.endswith(".txt"):
                 continue
@@ -69,7 +74,8 @@ def load_gt(root: Path) -> dict[tuple[str, str, str], str]:
                         raise EvalError(f"MME ground truth {qa / name} line {n}: expected 'question<TAB>answer'")
                     gt[(category, name, parts[0])] = parts[1]
     if not gt:
-        raise EvalError(f"MME ground truth: no question files under {root} (expected layout: {LAYOUT})")
+        raise EvalError(f"MME ground truth: no question files under {root} (expected layout: {LAYOUT}; "
+                        f"source: {SOURCE})")
     return gt
 
 
@@ -94,7 +100,7 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
         q = gt_question(r.get("prompt", ""), category, file, gt)
         if (category, file, q) not in gt:
             raise EvalError(f"MME: no ground truth for subtask {category!r}, file {file!r}, question {q!r} "
-                            f"under {annotations}")
+                            f"under {annotations}: an incomplete tree or another version? source: {SOURCE}")
         multiline += ("\n" in r["text"]) or ("\t" in r["text"])
         per_cat.setdefault(category, []).append((qid, gt[(category, file, q)], r["text"]))
 

@@ -35,6 +35,11 @@ from student_trainer.eval.common import EvalError, read_json, require_complete
 
 OFFICIAL = "MMMU eval/eval_utils.py + eval/main_eval_only.py (TinyLLaVA/LLaVA-KD model_vqa_mmmu.py parsing, seed 42)"
 VERSION = "mmmu/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("MMMU validation split (900 questions, 30 subjects; huggingface.co/datasets/MMMU/MMMU): anns_for_eval.json "
+          "and all_images/ as TinyLLaVA-Factory's evaluation data lays them out, eval/answer_dict_val.json from "
+          "github.com/MMMU-Benchmark/MMMU")
 SEED = 42
 MULTI_IMAGE_OPEN_TEXT = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
 DOMAINS = {
@@ -153,7 +158,8 @@ def subject_of(qid: str) -> str:
 
 
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False) -> dict:
-    gt = read_json(annotations, "MMMU ground truth", "MMMU/eval/answer_dict_val.json ({id: {question_type, ground_truth}})")
+    gt = read_json(annotations, "MMMU ground truth",
+                   f"MMMU/eval/answer_dict_val.json ({{id: {{question_type, ground_truth}}}}); source: {SOURCE}")
     if questions is None:
         raise EvalError("MMMU: the question file (anns_for_eval.json, with all_choices / index2ans) is needed to "
                         "parse multiple-choice answers; pass --questions")
@@ -169,7 +175,7 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
         if subject not in SUBJECTS:
             continue  # main_eval_only only iterates the 30 subjects
         if qid not in gt:
-            raise EvalError(f"MMMU: no ground truth for {qid!r} in {annotations}")
+            raise EvalError(f"MMMU: no ground truth for {qid!r} in {annotations}: another version? source: {SOURCE}")
         qtype = gt[qid]["question_type"]
         if qtype == "multiple-choice":
             q = qmap.get(qid)

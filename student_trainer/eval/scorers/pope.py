@@ -23,6 +23,12 @@ from student_trainer.eval.common import EvalError, read_jsonl, require_complete
 
 OFFICIAL = "LLaVA llava/eval/eval_pope.py"
 VERSION = "pope/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("POPE's COCO labels at commit e3e39262 (github.com/AoiDragon/POPE/tree/"
+          "e3e39262c85a6a83f26cf5094022a782cb0df58d/output/coco: coco_pope_{adversarial,popular,random}.json; "
+          "random has 2,910 questions there, 3,000 on the default branch) + COCO val2014 images + LLaVA-1.5's "
+          "eval.zip (pope/llava_pope_test.jsonl, 8,910 questions)")
 LAYOUT = "pope/coco/coco_pope_{random,popular,adversarial}.json (jsonl with question_id, image, text, label)"
 
 
@@ -49,29 +55,32 @@ def prf(preds: list[int], labels: list[int]) -> dict:
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False) -> dict:
     root = Path(annotations)
     if not root.is_dir():
-        raise EvalError(f"POPE annotations: directory {root} not found (expected layout: {LAYOUT})")
+        raise EvalError(f"POPE annotations: directory {root} not found (expected layout: {LAYOUT}; source: {SOURCE})")
     if questions is None:
         raise EvalError("POPE: the question file (llava_pope_test.jsonl) is needed to know each answer's split; "
                         "pass --questions")
     files = sorted(p for p in root.iterdir() if p.name.startswith("coco_pope_") and p.name.endswith(".json"))
     if not files:
-        raise EvalError(f"POPE annotations: no coco_pope_*.json in {root} (expected layout: {LAYOUT})")
+        raise EvalError(f"POPE annotations: no coco_pope_*.json in {root} (expected layout: {LAYOUT}; "
+                        f"source: {SOURCE})")
     preds = {r["question_id"]: r["text"] for r in answers}
     splits, missing_total = {}, 0
     for f in files:
         split = f.name[len("coco_pope_"):-len(".json")]
-        labels, _ = read_jsonl(f, f"POPE {split} annotations", LAYOUT)
+        labels, _ = read_jsonl(f, f"POPE {split} annotations", f"{LAYOUT}; source: {SOURCE}")
         qs = [q for q in questions if q.get("category") == split]
         if not qs:
             continue
         if len(qs) > len(labels) or (len(qs) < len(labels) and not allow_partial):
-            raise EvalError(f"POPE {split}: the question file has {len(qs)} questions but {f} has {len(labels)} lines")
+            raise EvalError(f"POPE {split}: the question file has {len(qs)} questions but {f} has {len(labels)} lines "
+                            f"(another version of the labels?); source: {SOURCE}")
         p_list, l_list = [], []
         missing = 0
         for q, lab in zip(qs, labels):
             if "image" in lab and "image" in q and lab["image"] != q["image"]:
                 raise EvalError(f"POPE {split}: question {q['question_id']} ({q.get('image')}: {q.get('text')!r}) does "
-                                f"not match line {len(p_list) + missing + 1} of {f} ({lab.get('image')}: {lab.get('text')!r})")
+                                f"not match line {len(p_list) + missing + 1} of {f} ({lab.get('image')}: "
+                                f"{lab.get('text')!r}): another version of the labels? source: {SOURCE}")
             if q["question_id"] not in preds:
                 missing += 1
                 continue

@@ -20,6 +20,10 @@ from student_trainer.eval.common import EvalError, read_json, require_complete
 
 OFFICIAL = "LLaVA-1.5 llava/eval/eval_science_qa.py"
 VERSION = "sqa/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("ScienceQA (github.com/lupantech/ScienceQA, data/scienceqa: problems.json, pid_splits.json, images/test; "
+          "test split 4,241 problems, 2,017 with an image) + LLaVA-1.5's eval.zip (scienceqa/llava_test_CQM-A.json)")
 OPTIONS = ("A", "B", "C", "D", "E")
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
@@ -39,17 +43,18 @@ def pred_index(letter: str, n_choices: int) -> int:
 
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False) -> dict:
     base = Path(annotations)
-    layout = "scienceqa/ with problems.json and pid_splits.json"
+    layout = f"scienceqa/ with problems.json and pid_splits.json; source: {SOURCE}"
     if not base.is_dir():
         raise EvalError(f"ScienceQA annotations: directory {base} not found (expected layout: {layout})")
     split = read_json(base / "pid_splits.json", "ScienceQA splits", layout)
     problems = read_json(base / "problems.json", "ScienceQA problems", layout)
     if "test" not in split:
-        raise EvalError(f"ScienceQA: {base / 'pid_splits.json'} has no 'test' split")
+        raise EvalError(f"ScienceQA: {base / 'pid_splits.json'} has no 'test' split; source: {SOURCE}")
     preds = {str(r["question_id"]): r for r in answers}
     unknown = [q for q in preds if q not in problems]
     if unknown:
-        raise EvalError(f"ScienceQA: {len(unknown)} answers are for ids not in {base / 'problems.json'} (e.g. {unknown[0]!r})")
+        raise EvalError(f"ScienceQA: {len(unknown)} answers are for ids not in {base / 'problems.json'} "
+                        f"(e.g. {unknown[0]!r}): another version? source: {SOURCE}")
     test = [pid for pid in split["test"]]
     missing = [pid for pid in test if pid not in preds]
     require_complete(len(missing), len(test), "sqa", allow_partial)

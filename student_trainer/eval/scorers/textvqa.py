@@ -19,6 +19,11 @@ from student_trainer.eval.scorers.evalai import vqa_accuracy
 
 OFFICIAL = "LLaVA llava/eval/eval_textvqa.py + llava/eval/m4c_evaluator.py"
 VERSION = "textvqa/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("TextVQA v0.5.1 val (dl.fbaipublicfiles.com/textvqa/data/TextVQA_0.5.1_val.json, 5,000 questions; "
+          "images: dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip -> train_images/) + LLaVA-1.5's "
+          "eval.zip (textvqa/llava_textvqa_val_v051_ocr.jsonl)")
 
 
 def question_from_prompt(prompt: str) -> str:
@@ -39,9 +44,10 @@ def question_from_prompt(prompt: str) -> str:
 
 
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False) -> dict:
-    data = read_json(annotations, "TextVQA annotations", "textvqa/TextVQA_0.5.1_val.json with a 'data' list")
+    data = read_json(annotations, "TextVQA annotations",
+                     f"textvqa/TextVQA_0.5.1_val.json with a 'data' list; source: {SOURCE}")
     if not isinstance(data, dict) or "data" not in data:
-        raise EvalError(f"TextVQA annotations {annotations}: expected an object with a 'data' list")
+        raise EvalError(f"TextVQA annotations {annotations}: expected an object with a 'data' list; source: {SOURCE}")
     ann = {(a["image_id"], a["question"].lower()): a for a in data["data"]}
     if not answers:
         raise EvalError("TextVQA: the answer file is empty")
@@ -49,7 +55,8 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
     for r in answers:
         key = (r["question_id"], question_from_prompt(r.get("prompt", "")))
         if key not in ann:
-            raise EvalError(f"TextVQA: no annotation for image {key[0]!r} / question {key[1]!r} in {annotations}")
+            raise EvalError(f"TextVQA: no annotation for image {key[0]!r} / question {key[1]!r} in {annotations}: "
+                            f"another version? source: {SOURCE}")
         scores.append(vqa_accuracy(r["text"], ann[key]["answers"]))
     acc = 100.0 * sum(scores) / len(scores)
     return {"metric": "accuracy", "score": acc, "n": len(scores), "details": {"accuracy": acc}}

@@ -20,6 +20,12 @@ from student_trainer.eval.scorers.evalai import normalize_answer, vqa_accuracy
 
 OFFICIAL = "LLaVA scripts/convert_vqav2_for_submission.py + llava/eval/m4c_evaluator.py"
 VERSION = "vqav2/1"
+# Where the inputs come from, in the version the official numbers use (every not-found or
+# wrong-version error names it).
+SOURCE = ("LLaVA-1.5's eval.zip (docs/Evaluation.md of github.com/haotian-liu/LLaVA: "
+          "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl, 107,394 questions, and llava_vqav2_mscoco_test2015.jsonl) "
+          "+ COCO test2015 images (images.cocodataset.org/zips/test2015.zip); test-dev is scored by the EvalAI server "
+          "(challenge 830)")
 UPLOAD_NAME = "vqav2_test-dev_upload.json"
 
 
@@ -33,7 +39,8 @@ def upload_records(answers, test_split: list[dict]) -> list[dict]:
 def score(answers, annotations: Path, questions=None, out_dir=None, allow_partial=False, bad_lines=0) -> dict:
     annotations = Path(annotations)
     if annotations.suffix == ".jsonl":  # the test split question list -> upload file only
-        split, _ = read_jsonl(annotations, "VQAv2 test split", "vqav2/llava_vqav2_mscoco_test2015.jsonl")
+        split, _ = read_jsonl(annotations, "VQAv2 test split",
+                              f"vqav2/llava_vqav2_mscoco_test2015.jsonl; source: {SOURCE}")
         recs = upload_records(answers, split)
         answered = len({r["question_id"] for r in answers} & {q["question_id"] for q in split})
         files = {}
@@ -44,7 +51,8 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
                 "details": {"total_split": len(split), "answered": answered, "error_lines": bad_lines,
                             "note": "test-dev answers are not public: submit the upload file to EvalAI"},
                 "files": files}
-    data = read_json(annotations, "VQAv2 annotations", "official VQA annotations json with an 'annotations' list")
+    data = read_json(annotations, "VQAv2 annotations",
+                     f"official VQA annotations json with an 'annotations' list; source: {SOURCE}")
     if not isinstance(data, dict) or "annotations" not in data:
         raise EvalError(f"VQAv2 annotations {annotations}: expected an object with an 'annotations' list "
                         f"(or pass the test split .jsonl to only write the EvalAI upload file)")
@@ -53,7 +61,7 @@ def score(answers, annotations: Path, questions=None, out_dir=None, allow_partia
     unknown = [q for q in preds if q not in ann]
     if unknown:
         raise EvalError(f"VQAv2: {len(unknown)} answered questions have no annotation in {annotations} "
-                        f"(e.g. {unknown[0]!r})")
+                        f"(e.g. {unknown[0]!r}): another split or version? source: {SOURCE}")
     if questions is not None:
         qids = [q["question_id"] for q in questions]
         require_complete(sum(1 for q in qids if q not in preds), len(qids), "vqav2", allow_partial)
