@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # cachefill: the in-process test/bench filler
 
 import torch  # noqa: E402
 
@@ -59,12 +60,13 @@ def main(argv=None) -> int:
 
     import deepspeed
 
+    from cachefill import fill_cache
     from ckd_common.data import prepare_file
     from ckd_common.losses import collate_targets
     from ckd_common.model import load_vlm, model_info
     from ckd_common.synth import synthesize
     from ckd_common.teacher import TeacherInput, TeacherRunner
-    from student_trainer.cachefill import fill_cache
+    from ckd_common.templates import QWEN2_BASE
     from student_trainer.config import TrainConfig
     from student_trainer.data import MicroBatches, build_schedule, expected_cache_meta, make_loader, open_cache
     from student_trainer.trainer import StudentLoss, _ds_config, set_trainable, setup_distributed
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     tdir = build("teacher", SIZES[args.size]["teacher"], tmp)
     cache = tmp / "cache"
     t0 = time.perf_counter()
-    fill_cache(tdir, synth / "instruct.json", synth / "images", "qwen2_base", cache, k=args.k)
+    fill_cache(tdir, synth / "instruct.json", synth / "images", QWEN2_BASE, cache, k=args.k)
     print(f"cache filled in {time.perf_counter() - t0:.1f}s")
 
     rank, world = setup_distributed()
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     print(f"size {args.size}: student LLM {llm_params(student) / 1e6:.2f}M, teacher LLM "
           f"{llm_params(teacher) / 1e6:.2f}M params ({ratio:.1f}x)")
     info = model_info(student, tok)
-    ds = prepare_file(synth / "instruct.json", tok, "qwen2_base", info.num_visual_tokens, info.image_token_id,
+    ds = prepare_file(synth / "instruct.json", tok, QWEN2_BASE, info.num_visual_tokens, info.image_token_id,
                       synth / "images")
     reader = open_cache(str(cache), expected_cache_meta(ds, info))
     runner = TeacherRunner(teacher, vocab_limit=reader.meta.vocab_size)

@@ -1,8 +1,11 @@
-"""Fill a logit_cache group in-process with a teacher on this machine (ckd_common.teacher).
+"""Test and bench helper: fill a logit_cache group in-process with a teacher on this machine
+(ckd_common.teacher.TeacherRunner), no server.
 
-For tests, benchmarks and small CPU runs only; the production path is teacher_server on another
-GPU feeding the cache. The group's metadata is exactly what the trainer expects for a student
-that shares the teacher's tokenizer and visual-token count.
+It lives with the tests, not in a shipped package: the product path is ``teacher_server`` on
+another GPU feeding ``logit_cache fill`` (deploy/fill.py). The trainer tests import it as
+``cachefill`` (pytest puts tests/ on sys.path); the bench scripts add tests/ to sys.path to share
+it. The group's metadata comes from the same factory as the fill's (``CacheMeta.for_dataset``),
+so both writers record the same fields for the same teacher and data.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 def fill_cache(teacher_dir: str | Path, data: str | Path, images: str | Path | None, template: str,
                cache_root: str | Path, k: int = 16, batch_size: int = 8, max_length: int = 2048,
-               limit: int | None = None, vocab_limit: int | None = None) -> str:
+               limit: int | None = None, vocab_limit: int | None = None, encoding: str = "f16") -> str:
     """Prepare ``data`` with the teacher's tokenizer, run the teacher, write one group; returns its name.
 
     ``limit`` fills only the first samples (to test missing targets); ``vocab_limit`` overrides the
@@ -21,17 +24,16 @@ def fill_cache(teacher_dir: str | Path, data: str | Path, images: str | Path | N
     from ckd_common.data import prepare_file
     from ckd_common.model import load_vlm, model_info
     from ckd_common.teacher import TeacherInput, TeacherRunner
-    from logit_cache import CacheMeta, open_group
+    from logit_cache import TARGET_KINDS, CacheMeta, open_group
 
     model, tok = load_vlm(teacher_dir)
     info = model_info(model, tok)
     ds = prepare_file(data, tok, template, info.num_visual_tokens, info.image_token_id, images, max_length)
-    vocab = vocab_limit or min(info.vocab_size, info.tokenizer_vocab_size)
-    has_image = any(s.has_image for s in ds.samples)
-    meta = CacheMeta(teacher_fingerprint=info.fingerprint, tokenizer_hash=info.tokenizer_hash, template=ds.template,
-                     dataset_fingerprint=ds.fingerprint, vocab_size=vocab, k=k,
-                     vision_strategy=info.vision_strategy if has_image else "none",
-                     num_visual_tokens=info.num_visual_tokens if has_image else 0)
+    vocab = vocab_limit or info.common_vocab
+    meta = CacheMeta.for_dataset(ds, teacher_fingerprint=info.fingerprint, tokenizer_hash=info.tokenizer_hash,
+                                 vocab_size=vocab, k=k, vision_strategy=info.vision_strategy,
+                                 num_visual_tokens=info.num_visual_tokens, value_encoding=encoding,
+                                 target_kinds=TARGET_KINDS)  # TeacherRunner produces every kind
     group = open_group(cache_root, meta=meta, create=True)
     runner = TeacherRunner(model, vocab_limit=vocab)
     samples = ds.samples[:limit] if limit is not None else ds.samples
