@@ -30,29 +30,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ckd_common.templates import PRETRAIN, TEMPLATE_NAMES  # noqa: E402
+
 
 def start_server(model_dir: Path, workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    import httpx
+    from teacher_server.client import TeacherClient
 
     port_file = workdir / "server.port"
     log = open(workdir / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "teacher_server", "serve", "--model", str(model_dir), "--port", "0",
                              "--port-file", str(port_file), "--log-level", "warning", *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+
+    def alive() -> None:
         if proc.poll() is not None:
             raise SystemExit(f"server exited early:\n{(workdir / 'server.log').read_text()[-3000:]}")
-        if port_file.exists():
-            url = f"http://127.0.0.1:{int(port_file.read_text())}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
+
+    deadline = time.monotonic() + 180
+    while not port_file.exists():
+        alive()
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("server wrote no port file in 180 s")
         time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not ready in 180 s")
+    url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    with TeacherClient(url) as server:
+        server.wait_ready(max(deadline - time.monotonic(), 0), poll_s=0.2, check=alive)
+    return proc, url
 
 
 def metric(text: str, name: str) -> float:
@@ -73,26 +77,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for the bare forward AND the server (2 shared cores: more threads "
                          "than free cores makes OpenMP spin-waits dominate, ruining both measurements)")
-    ap.add_argument("--template", default="pretrain", choices=["pretrain", "qwen2_base"])
+    ap.add_argument("--template", default=PRETRAIN, choices=TEMPLATE_NAMES)
     a = ap.parse_args()
 
-    import httpx
     import torch
 
     from ckd_common.data import prepare_file
     from ckd_common.model import init_preset, load_vlm, model_info
     from ckd_common.synth import synthesize
     from ckd_common.teacher import TeacherInput, TeacherRunner
-    from logit_cache.fill import FillOptions, fill, make_chunks
+    from deploy.fill import FillConfig, fill
+    from deploy.fill_pipeline import make_chunks
+    from teacher_server.client import TeacherClient
 
     torch.set_num_threads(a.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = init_preset("tiny-teacher", tmp / "teacher")
-        n_pt, n_it = (a.samples, 0) if a.template == "pretrain" else (0, a.samples)
+        n_pt, n_it = (a.samples, 0) if a.template == PRETRAIN else (0, a.samples)
         synthesize(tmp / "data", seed=0, n_pretrain=n_pt, n_instruct=n_it, n_eval=0)
-        data = tmp / "data" / ("pretrain.json" if a.template == "pretrain" else "instruct.json")
+        data = tmp / "data" / ("pretrain.json" if a.template == PRETRAIN else "instruct.json")
         model, tok = load_vlm(model_dir)
         info = model_info(model, tok)
         ds = prepare_file(data, tok, a.template, info.num_visual_tokens, info.image_token_id, data.parent / "images")
@@ -101,7 +106,7 @@ def main() -> None:
         longest_batch = max(len(c.samples) * max(s.length for s in c.samples) for c in chunks)
         tokens = sum(s.length for s in unique)
 
-        runner = TeacherRunner(model, vocab_limit=min(info.vocab_size, info.tokenizer_vocab_size))
+        runner = TeacherRunner(model, vocab_limit=info.common_vocab)
         batches = [[TeacherInput.from_prepared(s, info.image_size) for s in c.samples] for c in chunks]
         runner.targets(batches[0], a.k)  # warm-up
 
@@ -114,18 +119,19 @@ def main() -> None:
         proc, url = start_server(model_dir, tmp, "--max-batch-tokens", str(longest_batch),
                                  "--max-request-tokens", str(1 << 24),
                                  "--torch-threads", str(a.threads))
+        server = TeacherClient(url)
         try:
             # warm-up request through the whole path
-            fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k, str(tmp / "warm"),
-                             batch_samples=a.batch_samples, progress=False))
+            fill(FillConfig([url], str(data), str(data.parent / "images"), a.template, a.k, str(tmp / "warm"),
+                            batch_samples=a.batch_samples, progress=False))
             bare_times, fill_times, engine_times, writer_times = [], [], [], []
             for r in range(a.repeats):
                 bare_times.append(bare())
-                before = httpx.get(f"{url}/metrics").text
-                st = fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k,
-                                      str(tmp / f"cache{r}"), batch_samples=a.batch_samples,
-                                      segment_rows=a.segment_rows, concurrency=a.concurrency, progress=False))
-                after = httpx.get(f"{url}/metrics").text
+                before = server.metrics()
+                st = fill(FillConfig([url], str(data), str(data.parent / "images"), a.template, a.k,
+                                     str(tmp / f"cache{r}"), batch_samples=a.batch_samples,
+                                     segment_rows=a.segment_rows, concurrency=a.concurrency, progress=False))
+                after = server.metrics()
                 assert st.written == len(unique), st
                 fill_times.append(st.send_seconds)
                 n_b = metric(after, "teacher_batch_samples_count") - metric(before, "teacher_batch_samples_count")
@@ -136,6 +142,7 @@ def main() -> None:
                       f"(server: {int(n_b)} batches, {eng:.3f}s in the engine; client: {st.requests} requests, "
                       f"{st.write_seconds:.3f}s in the cache writer)")
         finally:
+            server.close()
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
 
