@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckd_common.templates import QWEN2_BASE
 from ckd_eval.common import PROMPT_VERSION, EvalError, read_questions
 from ckd_eval.scorers import Benchmark
 
@@ -84,7 +85,7 @@ def check_images(items: list[Item], bench: Benchmark, image_root: Path) -> None:
 class Generator:
     """A loaded model + tokenizer + template that turns questions into answers."""
 
-    def __init__(self, model_dir: str | os.PathLike, template: str = "qwen2_base", device: str = "cpu",
+    def __init__(self, model_dir: str | os.PathLike, template: str = QWEN2_BASE, device: str = "cpu",
                  dtype: str = "float32"):
         import torch
 
