@@ -59,7 +59,8 @@ class FillConfig(CommandConfig):
         "teacher server base URL, e.g. http://127.0.0.1:8000 (repeat for several servers)"))
     data: str = field(default="", metadata=_help("LLaVA JSON (or JSON lines) file"))
     images: str | None = field(default=None, metadata=_help("image root the data's 'image' paths are relative to"))
-    template: str = field(default="", metadata=_help(f"template the data is prepared with: {', '.join(TEMPLATE_NAMES)}"))
+    template: str = field(default="", metadata=_help(
+        f"template the data is prepared with: {', '.join(TEMPLATE_NAMES)}"))
     k: int = field(default=64, metadata=_help("top-k per position"))
     out: str = field(default="", metadata=_help("cache root (local path or fsspec URL), e.g. cache/NAME"))
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the server's own)"))
@@ -87,7 +88,8 @@ class FillConfig(CommandConfig):
             p.append("give at least one --server URL")
         if len(set(urls)) != len(urls):
             p.append(f"--server lists a URL twice: {urls}")
-        p += [f"--server {u}: not an http:// or https:// URL" for u in urls if not u.startswith(("http://", "https://"))]
+        p += [f"--server {u}: not an http:// or https:// URL" for u in urls
+              if not u.startswith(("http://", "https://"))]
         if not self.data:
             p.append("--data is required")
         elif not Path(self.data).is_file():

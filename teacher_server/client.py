@@ -149,7 +149,7 @@ class TeacherClient:
         if r.status_code in (200, 503):
             try:
                 return Ready.model_validate(r.json())
-            except (ValueError, ValidationError):
+            except ValueError:  # not JSON, or not a Ready body (pydantic's ValidationError is a ValueError)
                 pass
         return Ready(ready=False, detail=f"HTTP {r.status_code}: {error_detail(r)}")
 
@@ -179,9 +179,12 @@ class TeacherClient:
         r = self._ok(self._get("/v1/info", timeout=30), "GET /v1/info")
         try:
             return Info.model_validate(r.json())
-        except (ValueError, ValidationError) as e:
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ClientError(f"server {self.url}: its /v1/info answer does not match this client's protocol "
-                              f"(another llava-ckd version?): {e}") from None
+                              f"(another llava-ckd version?): {problems}") from None
+        except ValueError:  # not JSON at all
+            raise ClientError(f"server {self.url}: /v1/info did not answer JSON: {r.text[:200]!r}") from None
 
     def tokenizer_zip(self) -> bytes:
         """GET /v1/tokenizer: the teacher's tokenizer files as a zip."""
