@@ -86,3 +86,14 @@ def test_config_reports_every_problem_at_once(tmp_path):
     for part in ("lists a URL twice", "--server ftp://b", "none.json does not exist", "--template 'chat'",
                  "--out is required", "--encoding 'f8'", "--k must be at least 1", "--token-file"):
         assert part in msg, part
+
+
+def test_ckd_fill_is_the_same_command(tmp_path, capsys, synth_dir):
+    from deploy.cli import main
+
+    rc = main(["fill", "--server", "http://127.0.0.1:9", "--data", str(synth_dir / "pretrain.json"),
+               "--images", str(synth_dir / "images"), "--template", "pretrain", "--out", str(tmp_path / "c"),
+               "--wait-ready", "0.5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "ckd fill: server http://127.0.0.1:9 is not ready" in err and "Traceback" not in err
+    assert "FillConfig:" in err and "wait_ready_s" in err  # the resolved config is printed at start
