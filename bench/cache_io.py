@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckd_common.targets import SampleTargets, SparseTopK  # noqa: E402
-from logit_cache import CacheMeta, open_group  # noqa: E402
+from ckd_common.templates import QWEN2_BASE  # noqa: E402
+from logit_cache import TARGET_KINDS, CacheMeta, CacheReader, open_group  # noqa: E402
 from logit_cache.synthetic import random_autocorr, random_key, teacher_like_topk  # noqa: E402
 
 PROFILES = {"peaked": dict(zipf_s=1.0, boost_mean=7.0), "heavy": dict(zipf_s=0.6, boost_mean=6.0)}
@@ -96,9 +97,10 @@ def dir_bytes(path: Path, exclude_prefix=("autocorr",)):
 
 def run_config(samples, positions, raw_bytes, vocab, k, nv, enc, chunk_rows, shard_rows, clevel, workdir, n_rand):
     root = Path(tempfile.mkdtemp(dir=workdir))
-    meta = CacheMeta(teacher_fingerprint="bench", tokenizer_hash="bench", template="qwen2_base",
-                     dataset_fingerprint="bench", vocab_size=vocab, k=k, vision_strategy="full",
-                     num_visual_tokens=nv, value_encoding=enc)
+    meta = CacheMeta.for_group(dataset_fingerprint="bench", template=QWEN2_BASE, has_images=True,
+                               teacher_fingerprint="bench", tokenizer_hash="bench", vocab_size=vocab, k=k,
+                               vision_strategy="full", num_visual_tokens=nv, value_encoding=enc,
+                               target_kinds=TARGET_KINDS)
     g = open_group(root, meta=meta, create=True)
     t0 = time.perf_counter()
     with g.writer(segment_rows=512, chunk_rows=chunk_rows, shard_rows=shard_rows, clevel=clevel) as w:
@@ -107,7 +109,7 @@ def run_config(samples, positions, raw_bytes, vocab, k, nv, enc, chunk_rows, sha
     wt = time.perf_counter() - t0
     pos_bytes, ac_bytes, files = dir_bytes(root / g.name)
     t0 = time.perf_counter()
-    r = g.reader()
+    r = CacheReader(g)
     index_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     keys = [s.key for s in samples]
@@ -144,8 +146,10 @@ def bench_index(n_keys, vocab, k, workdir, seg_rows=16384):
     """Reader index build and committed_keys() for n_keys samples (positions empty: keys only)."""
     from logit_cache.store import array_names
     root = Path(tempfile.mkdtemp(dir=workdir))
-    meta = CacheMeta(teacher_fingerprint="bench", tokenizer_hash="bench", template="qwen2_base",
-                     dataset_fingerprint="index", vocab_size=vocab, k=k, value_encoding="q8")
+    meta = CacheMeta.for_group(dataset_fingerprint="index", template=QWEN2_BASE, has_images=False,
+                               teacher_fingerprint="bench", tokenizer_hash="bench", vocab_size=vocab, k=k,
+                               vision_strategy="none", num_visual_tokens=0, value_encoding="q8",
+                               target_kinds=TARGET_KINDS)
     g = open_group(root, meta=meta, create=True)
     rng = np.random.default_rng(5)
     for lo in range(0, n_keys, seg_rows):
@@ -162,7 +166,7 @@ def bench_index(n_keys, vocab, k, workdir, seg_rows=16384):
                 arrays[name] = np.zeros(0, np.float16)
         g.write_segment(arrays)
     t0 = time.perf_counter()
-    r = g.reader()
+    r = CacheReader(g)
     t_open = time.perf_counter() - t0
     t0 = time.perf_counter()
     ck = g.committed_keys()

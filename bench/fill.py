@@ -34,27 +34,29 @@ from ckd_common.templates import PRETRAIN, TEMPLATE_NAMES  # noqa: E402
 
 
 def start_server(model_dir: Path, workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    import httpx
+    from teacher_server.client import TeacherClient
 
     port_file = workdir / "server.port"
     log = open(workdir / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "teacher_server", "serve", "--model", str(model_dir), "--port", "0",
                              "--port-file", str(port_file), "--log-level", "warning", *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+
+    def alive() -> None:
         if proc.poll() is not None:
             raise SystemExit(f"server exited early:\n{(workdir / 'server.log').read_text()[-3000:]}")
-        if port_file.exists():
-            url = f"http://127.0.0.1:{int(port_file.read_text())}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
+
+    deadline = time.monotonic() + 180
+    while not port_file.exists():
+        alive()
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("server wrote no port file in 180 s")
         time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not ready in 180 s")
+    url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    with TeacherClient(url) as server:
+        server.wait_ready(max(deadline - time.monotonic(), 0), poll_s=0.2, check=alive)
+    return proc, url
 
 
 def metric(text: str, name: str) -> float:
@@ -78,14 +80,15 @@ def main() -> None:
     ap.add_argument("--template", default=PRETRAIN, choices=TEMPLATE_NAMES)
     a = ap.parse_args()
 
-    import httpx
     import torch
 
     from ckd_common.data import prepare_file
     from ckd_common.model import init_preset, load_vlm, model_info
     from ckd_common.synth import synthesize
     from ckd_common.teacher import TeacherInput, TeacherRunner
-    from logit_cache.fill import FillOptions, fill, make_chunks
+    from deploy.fill import FillConfig, fill
+    from deploy.fill_pipeline import make_chunks
+    from teacher_server.client import TeacherClient
 
     torch.set_num_threads(a.threads)
 
@@ -104,7 +107,8 @@ def main() -> None:
         tokens = sum(s.length for s in unique)
 
         runner = TeacherRunner(model, vocab_limit=info.common_vocab)
-        batches = [[TeacherInput.from_prepared(s, info.image_size, aspect_ratio=info.image_aspect_ratio) for s in c.samples] for c in chunks]
+        batches = [[TeacherInput.from_prepared(s, info.image_size, aspect_ratio=info.image_aspect_ratio)
+                    for s in c.samples] for c in chunks]
         runner.targets(batches[0], a.k)  # warm-up
 
         def bare() -> float:
@@ -116,18 +120,19 @@ def main() -> None:
         proc, url = start_server(model_dir, tmp, "--max-batch-tokens", str(longest_batch),
                                  "--max-request-tokens", str(1 << 24),
                                  "--torch-threads", str(a.threads))
+        server = TeacherClient(url)
         try:
             # warm-up request through the whole path
-            fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k, str(tmp / "warm"),
-                             batch_samples=a.batch_samples, progress=False))
+            fill(FillConfig([url], str(data), str(data.parent / "images"), a.template, a.k, str(tmp / "warm"),
+                            batch_samples=a.batch_samples, progress=False))
             bare_times, fill_times, engine_times, writer_times = [], [], [], []
             for r in range(a.repeats):
                 bare_times.append(bare())
-                before = httpx.get(f"{url}/metrics").text
-                st = fill(FillOptions([url], str(data), str(data.parent / "images"), a.template, a.k,
-                                      str(tmp / f"cache{r}"), batch_samples=a.batch_samples,
-                                      segment_rows=a.segment_rows, concurrency=a.concurrency, progress=False))
-                after = httpx.get(f"{url}/metrics").text
+                before = server.metrics()
+                st = fill(FillConfig([url], str(data), str(data.parent / "images"), a.template, a.k,
+                                     str(tmp / f"cache{r}"), batch_samples=a.batch_samples,
+                                     segment_rows=a.segment_rows, concurrency=a.concurrency, progress=False))
+                after = server.metrics()
                 assert st.written == len(unique), st
                 fill_times.append(st.send_seconds)
                 n_b = metric(after, "teacher_batch_samples_count") - metric(before, "teacher_batch_samples_count")
@@ -138,6 +143,7 @@ def main() -> None:
                       f"(server: {int(n_b)} batches, {eng:.3f}s in the engine; client: {st.requests} requests, "
                       f"{st.write_seconds:.3f}s in the cache writer)")
         finally:
+            server.close()
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
 

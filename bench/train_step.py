@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # cachefill: the in-process test/bench filler
 
 import torch  # noqa: E402
 
@@ -59,13 +60,13 @@ def main(argv=None) -> int:
 
     import deepspeed
 
+    from cachefill import fill_cache
     from ckd_common.data import prepare_file
     from ckd_common.kd import KDWeights, collate_targets
     from ckd_common.model import load_vlm, model_info
     from ckd_common.synth import synthesize
     from ckd_common.teacher import TeacherInput, TeacherRunner
     from ckd_common.templates import QWEN2_BASE
-    from student_trainer.cachefill import fill_cache
     from student_trainer.config import TrainConfig
     from student_trainer.data import MicroBatches, build_schedule, expected_cache_meta, make_loader, open_cache
     from student_trainer.trainer import StudentLoss, _ds_config, set_trainable, setup_distributed

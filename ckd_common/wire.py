@@ -1,8 +1,9 @@
 """Binary encoding of the teacher server's POST /v1/targets request and response.
 
-Both the server (teacher_server) and the fill client (logit_cache.fill) use this module, which is
-why it lives in ckd_common: packages never import each other sideways. Arrays travel as raw
-little-endian bytes, never as JSON lists of floats (ENVIRONMENT.md: ~100x faster).
+Both the server (teacher_server) and its client (teacher_server.client, used by deploy.fill) use
+this module, which is why it lives in ckd_common, next to the JSON models (ckd_common.protocol).
+Arrays travel as raw little-endian bytes, never as JSON lists of floats (ENVIRONMENT.md: ~100x
+faster).
 
 Frame (every integer little-endian)::
 

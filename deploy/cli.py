@@ -2,6 +2,7 @@
 
   ckd model init|convert|compose|info ...   (ckd_common)
   ckd data synth|prepare ...                 (ckd_common)
+  ckd fill --server URL --data F --out ROOT  fill a logit cache from teacher servers (= logit_cache fill)
   ckd cascade CONFIG.yaml                    a whole cascade: servers, caches, training, eval
   ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
 """
@@ -18,6 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="group", required=True)
     add_common_commands(sub)
+    from deploy.fill import __doc__ as fill_doc
+    from deploy.fill import add_fill_arguments
+
+    add_fill_arguments(sub.add_parser("fill", help="fill a logit cache by streaming a dataset through teacher "
+                                      "servers (= logit_cache fill)", description=fill_doc))
     casc = sub.add_parser("cascade", help="run a cascade (student <- TA <- Teacher) from a YAML config")
     casc.add_argument("config", help="cascade YAML (see deploy/README.md and deploy/examples/)")
     demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
@@ -45,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 130
             return 0
+        if args.group == "fill":
+            from deploy.fill import run_fill
+
+            return run_fill(args, prog="ckd fill")
         if args.group == "demo":
             from deploy.demo import run_demo
 

@@ -1,4 +1,13 @@
-"""``logit_cache fill|info|verify|ls|gc|compact`` (``fill``: see logit_cache/fill.py)."""
+"""``logit_cache ls|info|verify|gc|compact`` — and ``logit_cache fill``, which lives in ``deploy.fill``.
+
+Why ``fill`` is forwarded: filling streams a dataset through teacher servers over HTTP (httpx,
+``teacher_server.client``): orchestration, not storage, so it lives in ``deploy/fill.py`` and no
+module of this package imports httpx, FastAPI or teacher_server. ``logit_cache fill ...`` (and
+``python -m logit_cache fill ...``) stays the same command with the same flags: :func:`main` hands
+everything after ``fill`` to ``deploy.fill.main``, imported lazily at that one line — the only
+place where logit_cache reaches up into another package, so the storage commands never load it.
+``ckd fill`` is the same command.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +16,6 @@ import sys
 from typing import Callable
 
 from .errors import CacheError
-from .fill import add_fill_arguments, run_fill
 from .maintenance import compact, gc, info, verify
 from .meta import CacheMeta
 from .store import list_groups, open_group
@@ -88,16 +96,29 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "verify": (_group_args, _verify, "checksums, offsets, value ranges; every committed key readable"),
     "gc": (_gc_args, _gc, "remove uncommitted segments of dead writers and replaced segments"),
     "compact": (_compact_args, _compact, "merge small segments into large ones atomically"),
-    "fill": (add_fill_arguments, run_fill, "fill a cache by streaming a dataset through teacher servers"),
 }
+FILL_HELP = "fill a cache by streaming a dataset through teacher servers (deploy.fill; `--help` for its flags)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="logit_cache", description="Inspect and maintain logit_cache stores.")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, (add, _, help_) in COMMANDS.items():
         add(sub.add_parser(name, help=help_))
+    sub.add_parser("fill", help=FILL_HELP, add_help=False)  # listed here, parsed by deploy.fill
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = _parser()
+    cmd_at = next((i for i, x in enumerate(argv) if not x.startswith("-")), None)  # global options take no value
+    if cmd_at is not None and argv[cmd_at] == "fill":
+        quiet = ap.parse_args(argv[:cmd_at + 1]).quiet
+        from deploy.fill import main as fill_main  # the one lazy forward (see the module docstring)
+
+        return fill_main(argv[cmd_at + 1:], quiet=quiet)
     a = ap.parse_args(argv)
     try:
         return COMMANDS[a.cmd][1](a)

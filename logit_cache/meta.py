@@ -1,21 +1,29 @@
-"""Group metadata (CacheMeta), fingerprints and deterministic group naming."""
+"""Group metadata (CacheMeta) and deterministic group naming.
+
+The one owner of the cache's metadata rules: what a group records (the factories
+:meth:`CacheMeta.for_dataset` / :meth:`CacheMeta.for_group`, used by every writer), what a trainer
+requires of it (:meth:`CacheMeta.expected_for`), the value encodings and the target kinds.
+"""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CacheMismatchError, UnknownFormatVersion
+
+if TYPE_CHECKING:
+    from ckd_common.data import PreparedDataset
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 ATTR_KEY = "logit_cache"  # the group attribute holding CacheMeta
-VALUE_ENCODINGS = ("f16", "q8")
-TARGET_KINDS = ("text", "visual", "autocorr")
+VALUE_ENCODINGS = ("f16", "q8")  # how stored log-probs are encoded (FORMAT.md, encoding.py)
+DEFAULT_VALUE_ENCODING = "f16"
+TARGET_KINDS = ("text", "visual", "autocorr")  # what a teacher may produce per sample, in stored order
 # Fields that describe provenance, not content: never part of a compatibility check.
 INFORMATIONAL = ("producer_version", "created_utc", "format_version")
 
@@ -28,12 +36,22 @@ def _producer_version() -> str:
         return "llava-ckd (unversioned checkout)"
 
 
-def teacher_fingerprint(config: dict[str, Any], weights_hash: str) -> str:
-    """Hash of the teacher's architecture config (JSON, sorted keys) and its weights hash."""
-    h = hashlib.sha256()
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    h.update(b"\0" + weights_hash.encode())
-    return h.hexdigest()[:32]
+def _data_contract(dataset_fingerprint: str, template: str, has_images: bool, tokenizer_hash: str, vocab_size: int,
+                   vision_strategy: str, num_visual_tokens: int, image_aspect_ratio: str) -> dict[str, Any]:
+    """The fields the prepared data and the vocabulary fix, for writers and trainers alike. The
+    vision fields only for data with images: text-only data has no visual positions or pixels to
+    agree on."""
+    d: dict[str, Any] = {"dataset_fingerprint": dataset_fingerprint, "template": template,
+                         "tokenizer_hash": tokenizer_hash, "vocab_size": int(vocab_size)}
+    if has_images:
+        d.update(vision_strategy=vision_strategy, num_visual_tokens=int(num_visual_tokens),
+                 image_aspect_ratio=image_aspect_ratio)
+    return d
+
+
+def _describe_dataset(dataset: "PreparedDataset") -> dict[str, Any]:
+    return {"dataset_fingerprint": dataset.fingerprint, "template": dataset.template,
+            "has_images": any(s.has_image for s in dataset.samples)}
 
 
 @dataclass
@@ -53,8 +71,8 @@ class CacheMeta:
     num_visual_tokens: int = 0             # Nv per image sample; 0 for text-only data
     image_aspect_ratio: str = "square"     # the teacher's image preprocessing: 'square' or 'pad' (groups
                                            # written before the field existed were all 'square')
-    value_encoding: str = "f16"            # 'f16' or 'q8' (see FORMAT.md)
-    target_kinds: list[str] = field(default_factory=lambda: ["text", "visual", "autocorr"])
+    value_encoding: str = DEFAULT_VALUE_ENCODING  # one of VALUE_ENCODINGS (see FORMAT.md)
+    target_kinds: list[str] = field(default_factory=lambda: list(TARGET_KINDS))
     temperature: float = 1.0
     format_version: int = FORMAT_VERSION
     producer_version: str = field(default_factory=_producer_version)
@@ -69,6 +87,40 @@ class CacheMeta:
         if self.vocab_size <= 0 or self.k <= 0:
             raise ValueError(f"CacheMeta: vocab_size={self.vocab_size} and k={self.k} must be positive")
         self.target_kinds = sorted(set(self.target_kinds), key=TARGET_KINDS.index)
+
+    # -- the factories: every writer and every reader's expectation is built here ----------------
+    @classmethod
+    def for_group(cls, *, dataset_fingerprint: str, template: str, has_images: bool, teacher_fingerprint: str,
+                  tokenizer_hash: str, vocab_size: int, k: int, vision_strategy: str, num_visual_tokens: int,
+                  value_encoding: str, target_kinds: Iterable[str], image_aspect_ratio: str = "square") -> "CacheMeta":
+        """The metadata of the group a writer fills. ``vocab_size`` is the id range of the targets
+        (the teacher's ModelInfo.common_vocab unless a smaller vocab_limit is asked for);
+        ``target_kinds`` what the teacher produces (kinds unknown here are not stored). Data without
+        images records no vision fields ('none', 0)."""
+        return cls(teacher_fingerprint=teacher_fingerprint, k=int(k), value_encoding=value_encoding,
+                   target_kinds=[t for t in TARGET_KINDS if t in set(target_kinds)],
+                   **_data_contract(dataset_fingerprint, template, has_images, tokenizer_hash, vocab_size,
+                                    vision_strategy, num_visual_tokens, image_aspect_ratio))
+
+    @classmethod
+    def for_dataset(cls, dataset: "PreparedDataset", **teacher: Any) -> "CacheMeta":
+        """:meth:`for_group` for a prepared dataset (ckd_common.data.PreparedDataset); ``teacher``
+        holds the other keywords of :meth:`for_group`."""
+        return cls.for_group(**_describe_dataset(dataset), **teacher)
+
+    @staticmethod
+    def expected_for(dataset: "PreparedDataset", *, tokenizer_hash: str, vocab_size: int, vision_strategy: str,
+                     num_visual_tokens: int, image_aspect_ratio: str = "square",
+                     teacher_fingerprint: str | None = None) -> dict[str, Any]:
+        """What a trainer requires of a group for its prepared ``dataset`` (a partial CacheMeta for
+        :meth:`check_compatible` / ``open_for_training``): the data contract the writers record,
+        plus the teacher when the caller names one."""
+        exp = _data_contract(**_describe_dataset(dataset), tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
+                             vision_strategy=vision_strategy, num_visual_tokens=num_visual_tokens,
+                             image_aspect_ratio=image_aspect_ratio)
+        if teacher_fingerprint:
+            exp["teacher_fingerprint"] = teacher_fingerprint
+        return exp
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

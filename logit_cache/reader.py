@@ -175,17 +175,3 @@ def open_for_training(root: str | os.PathLike, expected: CacheMeta | dict[str, A
     group.meta.check_compatible(expected, where=group.url)
     return CacheReader(group)
 
-
-def to_torch(s: SampleTargets, device: Any = "cpu") -> dict[str, Any]:
-    """A SampleTargets as a dict of torch tensors (ids int64, log-probs/tails/autocorr float32)."""
-    import torch
-
-    def t(a: np.ndarray | None):
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    out: dict[str, Any] = {"key": s.key, "text_ids": t(s.text.ids), "text_logprobs": t(s.text.logprobs),
-                           "text_tail": t(s.text.tail)}
-    v = s.visual
-    out.update(visual_ids=t(None if v is None else v.ids), visual_logprobs=t(None if v is None else v.logprobs),
-               visual_tail=t(None if v is None else v.tail), autocorr=t(s.autocorr))
-    return out

@@ -332,7 +332,7 @@ def open_group(root: str | os.PathLike, name: str | None = None, meta: CacheMeta
 
 
 class CacheGroup:
-    """One (dataset, template) group: metadata, committed segments, writers and readers."""
+    """One (dataset, template) group: metadata, committed segments and writers."""
 
     def __init__(self, storage: Storage, name: str) -> None:
         self.storage, self.name = storage, name
@@ -391,13 +391,9 @@ class CacheGroup:
             out.update(b[i:i + KEY_BYTES].hex() for i in range(0, len(b), KEY_BYTES))
         return out
 
-    # -- writing / reading ---------------------------------------------------------------------
+    # -- writing (reading: logit_cache.reader.CacheReader(group), which builds on this module) -------
     def writer(self, **kwargs: Any) -> "CacheWriter":
         return CacheWriter(self, **kwargs)
-
-    def reader(self, **kwargs: Any):
-        from .reader import CacheReader
-        return CacheReader(self, **kwargs)
 
     def write_segment(self, arrays: dict[str, np.ndarray], chunk_rows: int = DEFAULT_CHUNK_ROWS,
                       shard_rows: int | None = None, replaces: list[str] | None = None,

@@ -11,10 +11,9 @@ Run::
     student_trainer train   --step pt|ft|sft --model DIR --data FILE.json --images DIR --out DIR
     student_trainer distill --step dpt|dft|all --cache ROOT --model DIR --data FILE.json --images DIR --out DIR
     torchrun --nproc_per_node 2 -m student_trainer distill ...      # several ranks
-    student_trainer eval ...                                        # benchmarks (student_trainer.eval)
+    student_trainer eval ...                                        # benchmarks (= ckd_eval, its own package)
 
 (or ``python -m student_trainer``). Modules: ``config`` (step table, typed config), ``data`` (cache
 join, schedule, prefetching loader), ``trainer`` (the loop), ``checkpoint`` (atomic saves),
-``feedback`` (progress, TensorBoard, curve, summary), ``cachefill`` (in-process cache filling for
-tests and benches).
+``feedback`` (progress, TensorBoard, curve, summary).
 """

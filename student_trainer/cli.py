@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--on-missing", default="error", choices=["error", "skip"],
                    help="samples without cached targets: fail (default) or leave them out and count them")
     _common(k, all_steps=True)
-    from student_trainer.eval.cli import add_eval_parser  # issue 8: `student_trainer eval` (its own module)
+    from ckd_eval.cli import add_eval_parser  # `student_trainer eval` = ckd_eval (evaluation is its own package)
 
     add_eval_parser(sub)
     return p

@@ -35,20 +35,14 @@ class TrainerError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # cache
 def expected_cache_meta(dataset, info, teacher_fingerprint: str | None = None) -> dict:
-    """What the cache must agree with for this student and prepared dataset."""
-    exp = {
-        "dataset_fingerprint": dataset.fingerprint,
-        "template": dataset.template,
-        "tokenizer_hash": info.tokenizer_hash,
-        "vocab_size": min(info.vocab_size, info.tokenizer_vocab_size),
-    }
-    if any(s.has_image for s in dataset.samples):
-        exp["vision_strategy"] = info.vision_strategy
-        exp["num_visual_tokens"] = info.num_visual_tokens
-        exp["image_aspect_ratio"] = info.image_aspect_ratio
-    if teacher_fingerprint:
-        exp["teacher_fingerprint"] = teacher_fingerprint
-    return exp
+    """What the cache must agree with for this student (``info``: its ckd_common.model.ModelInfo)
+    and prepared dataset; the rule itself is logit_cache's (CacheMeta.expected_for)."""
+    from logit_cache import CacheMeta
+
+    return CacheMeta.expected_for(dataset, tokenizer_hash=info.tokenizer_hash, vocab_size=info.common_vocab,
+                                  vision_strategy=info.vision_strategy, num_visual_tokens=info.num_visual_tokens,
+                                  image_aspect_ratio=info.image_aspect_ratio,
+                                  teacher_fingerprint=teacher_fingerprint)
 
 
 def open_cache(root: str, expected: dict):

@@ -1,5 +1,7 @@
 """``teacher_server serve --model DIR [--device cpu|cuda:0] [--dtype bf16|fp32] [--host 127.0.0.1]
-[--port 8000] [--max-batch-tokens N] [--token-file F] ...``: run one teacher behind HTTP."""
+[--port 8000] [--port-file F] [--config-out F] [--max-batch-tokens N] [--token-file F] ...``: run one
+teacher behind HTTP. The flags map to ``teacher_server.config.ServerConfig``; the resolved config is
+logged at start and saved to --config-out (default: next to --port-file, ``NAME.config.json``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,57 +9,66 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from .config import ServerConfig
+from ckd_common.config import ConfigError
+from ckd_common.protocol import read_token_file
+
+from .config import DTYPES, LOG_LEVELS, ServerConfig
 from .engines import ENGINES
 
 log = logging.getLogger("teacher_server")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teacher_server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="load a teacher and serve /v1/targets")
-    s.add_argument("--model", required=True, help="HF llava model directory (ckd model init/convert/compose)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    s.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="default: bf16 on CUDA, fp32 on CPU")
-    s.add_argument("--engine", choices=ENGINES, default="hf",
-                   help="hf (default) or vllm (optional extra, GPU only, no autocorrelation)")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
-    s.add_argument("--port-file", default=None, help="write the bound port here once listening")
-    s.add_argument("--token-file", default=None, help="file holding a bearer token required on every "
-                   "endpoint except /healthz and /readyz")
-    d = ServerConfig("")
-    s.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="padded tokens (samples x longest) per forward (default %(default)s)")
-    s.add_argument("--max-queue-tokens", type=int, default=None,
-                   help="tokens admitted and unfinished before 503 + Retry-After (default 8 x max-batch-tokens)")
-    s.add_argument("--max-inflight-requests", type=int, default=d.max_inflight_requests)
-    s.add_argument("--max-request-samples", type=int, default=d.max_request_samples)
-    s.add_argument("--max-request-tokens", type=int, default=None, help="default 4 x max-batch-tokens")
-    s.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2 ** 20)
-    s.add_argument("--max-k", type=int, default=d.max_k)
-    s.add_argument("--chunk-size", type=int, default=d.chunk_size, help="positions per lm_head chunk")
-    s.add_argument("--graceful-timeout", type=int, default=d.graceful_timeout_s,
-                   help="seconds to finish in-flight requests on SIGTERM/SIGINT")
-    s.add_argument("--torch-threads", type=int, default=None,
-                   help="intra-op CPU threads for torch (CPU serving; default: torch's choice)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s = sub.add_parser("serve", help="load a teacher and serve /v1/targets",
+                       formatter_class=_Formatter)
+    spec = {f.name: f for f in fields(ServerConfig)}
+
+    def opt(flag: str, name: str, **kw) -> None:  # help and default from the ServerConfig field
+        f = spec[name]
+        if not kw.get("required"):
+            kw.setdefault("default", f.default)
+        if "choices" not in kw:
+            kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+        s.add_argument(flag, dest=name, help=f.metadata["help"], **kw)
+
+    # the one map of flags to ServerConfig fields (token: read from --token-file, never a flag)
+    opt("--model", "model_dir", required=True)
+    opt("--device", "device")
+    opt("--dtype", "dtype", choices=DTYPES)
+    opt("--engine", "engine", choices=ENGINES)
+    opt("--host", "host")
+    opt("--port", "port", type=int)
+    opt("--port-file", "port_file")
+    opt("--config-out", "config_out")
+    opt("--token-file", "token_file")
+    opt("--max-batch-tokens", "max_batch_tokens", type=int)
+    opt("--max-queue-tokens", "max_queue_tokens", type=int)
+    opt("--max-inflight-requests", "max_inflight_requests", type=int)
+    opt("--max-request-samples", "max_request_samples", type=int)
+    opt("--max-request-tokens", "max_request_tokens", type=int)
+    s.add_argument("--max-body-mb", dest="max_body_bytes", type=lambda mb: int(float(mb) * 2 ** 20), metavar="MB",
+                   default=str(spec["max_body_bytes"].default / 2 ** 20), help="request body limit in MiB")
+    opt("--max-k", "max_k", type=int)
+    opt("--chunk-size", "chunk_size", type=int)
+    opt("--graceful-timeout", "graceful_timeout_s", type=int)
+    opt("--torch-threads", "torch_threads", type=int)
+    opt("--log-level", "log_level", choices=LOG_LEVELS)
     return p
 
 
-def _read_token(path: str) -> str:
-    f = Path(path)
-    if not f.is_file():
-        raise SystemExit(f"teacher_server: --token-file {f} does not exist")
-    token = f.read_text().strip()
-    if not token or any(c.isspace() for c in token):
-        raise SystemExit(f"teacher_server: --token-file {f} must hold one non-empty token without spaces")
-    return token
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(a, f.name) for f in fields(ServerConfig) if hasattr(a, f.name)})
 
 
 def serve(a: argparse.Namespace) -> int:
@@ -65,26 +76,24 @@ def serve(a: argparse.Namespace) -> int:
 
     from .app import create_app
 
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(a.model, "config.json").is_file():
-        print(f"teacher_server: --model {a.model} is not a model directory (no config.json)", file=sys.stderr)
-        return 2
+    cfg = config_from_args(a)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ServerConfig(model_dir=a.model, device=a.device, dtype=a.dtype, engine=a.engine, host=a.host,
-                           port=a.port, token=_read_token(a.token_file) if a.token_file else None,
-                           max_batch_tokens=a.max_batch_tokens, max_queue_tokens=a.max_queue_tokens,
-                           max_inflight_requests=a.max_inflight_requests, max_request_samples=a.max_request_samples,
-                           max_request_tokens=a.max_request_tokens, max_body_bytes=int(a.max_body_mb * 2 ** 20),
-                           max_k=a.max_k, chunk_size=a.chunk_size, graceful_timeout_s=a.graceful_timeout)
-    except ValueError as e:
+        cfg.validate()
+    except ConfigError as e:
         print(f"teacher_server: {e}", file=sys.stderr)
         return 2
+    if cfg.token_file:
+        cfg.token = read_token_file(cfg.token_file)
+    log.info("%s", cfg.describe())
+    if cfg.config_path is not None:
+        cfg.save(cfg.config_path)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
         log.warning("binding %s without --token-file: anyone who can reach this port can use the teacher", cfg.host)
-    if a.torch_threads:
+    if cfg.torch_threads:
         import torch
 
-        torch.set_num_threads(a.torch_threads)
+        torch.set_num_threads(cfg.torch_threads)
     try:
         app = create_app(cfg)
     except ImportError as e:  # e.g. --engine vllm without the optional extra
@@ -100,12 +109,12 @@ def serve(a: argparse.Namespace) -> int:
         print(f"teacher_server: cannot bind {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
         return 2
     port = sock.getsockname()[1]
-    if a.port_file:
-        tmp = Path(a.port_file + ".tmp")
+    if cfg.port_file:
+        tmp = Path(cfg.port_file + ".tmp")
         tmp.write_text(str(port))
-        tmp.replace(a.port_file)
+        tmp.replace(cfg.port_file)
     log.info("listening on http://%s:%d (docs at /docs)", cfg.host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level, access_log=False,
+    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, access_log=False,
                                            timeout_graceful_shutdown=cfg.graceful_timeout_s))
     # uvicorn handles SIGTERM/SIGINT itself (stop accepting, finish in-flight requests, run the
     # lifespan shutdown that drains the engine), then re-raises the signal to the handlers that

@@ -9,12 +9,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ckd_common.wire import CONTENT_TYPE_REQUEST, CONTENT_TYPE_RESPONSE
 
+from ckd_common.protocol import ErrorBody, Health, Info, Ready
+
 from .errors import ServerError
-from .protocol import ErrorBody, Health, Info, Ready
 
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 422, 500, 503)}
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI error responses: exactly the codes an endpoint can answer with (errors.py). Every
+    endpoint but the probes answers 401 when a token is set (app.py) and 500 on an unexpected
+    failure; the others are listed per endpoint."""
+    return {code: {"model": ErrorBody} for code in sorted({401, 500, *codes})}
 
 
 def _service(request: Request):
@@ -37,13 +43,13 @@ async def readyz(request: Request):
     return JSONResponse(Ready(ready=False, detail=detail).model_dump(), status_code=503)
 
 
-@router.get("/v1/info", response_model=Info, tags=["teacher"], responses=_ERRORS,
+@router.get("/v1/info", response_model=Info, tags=["teacher"], responses=_errors(503),
             summary="teacher fingerprint, vocabulary, visual tokens, limits")
 async def info(request: Request) -> Info:
     return _service(request).info()
 
 
-@router.get("/v1/tokenizer", tags=["teacher"], responses={200: {"content": {"application/zip": {}}}, **_ERRORS},
+@router.get("/v1/tokenizer", tags=["teacher"], responses={200: {"content": {"application/zip": {}}}, **_errors(503)},
             summary="the teacher's tokenizer files (zip), so clients prepare data identically")
 async def tokenizer(request: Request) -> Response:
     svc = _service(request)
@@ -59,7 +65,7 @@ async def tokenizer(request: Request) -> Response:
              openapi_extra={"requestBody": {"required": True, "content": {
                  CONTENT_TYPE_REQUEST: {"schema": {"type": "string", "format": "binary"}}}}},
              responses={200: {"content": {CONTENT_TYPE_RESPONSE: {"schema": {"type": "string", "format": "binary"}}}},
-                        429: {"model": ErrorBody}, **_ERRORS})
+                        **_errors(400, 413, 422, 503)})
 async def targets(request: Request) -> Response:
     svc = _service(request)
     t0 = time.perf_counter()
@@ -79,6 +85,6 @@ async def targets(request: Request) -> Response:
             svc.metrics.latency.observe(time.perf_counter() - t0)
 
 
-@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response, responses=_errors())
 async def metrics(request: Request) -> Response:
     return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ckd_common.data import preprocess_image
 from ckd_common.keys import image_hash, sample_key
+from ckd_common.protocol import Info
 from ckd_common.teacher import TeacherInput
 from ckd_common.templates import TEMPLATES
 from ckd_common.wire import (WIRE_VERSION, TargetsRequest, TargetsResponse, WireError, WireSample,
@@ -24,7 +25,6 @@ from .config import ServerConfig
 from .engines import Engine, EngineDescription, make_engine
 from .errors import BadRequest, InvalidSample, NotReady, Overloaded, PayloadTooLarge
 from .metrics import Metrics
-from .protocol import Info
 
 log = logging.getLogger("teacher_server")
 # Decoded RGB costs 3 bytes per pixel; a small compressed file can claim a huge canvas. Real VLM

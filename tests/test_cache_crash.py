@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logit_cache import CacheCorruptError, CacheMeta, open_group
+from logit_cache import CacheCorruptError, CacheMeta, CacheReader, open_group
 from logit_cache.maintenance import gc, verify
 from logit_cache.synthetic import make_sample
 
@@ -78,7 +78,7 @@ def test_sigkill_mid_segment_then_resume(tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert "DONE 10" in out
-    r = g.reader()
+    r = CacheReader(g)
     assert len(r) == 30 and r.duplicates == 0 and set(r.keys()) == keys(0, 30)
     # gc removes the dead writer's segment (same host, pid gone), never committed ones
     assert len(gc(g)["removed_uncommitted"]) == 1
@@ -92,7 +92,7 @@ def test_gc_keeps_live_writer_segment(tmp_path):
         assert p.stdout.readline().strip() == "HANG", p.stderr.read()
         g = open_group(root, CacheMeta(**META).group_name)
         assert gc(g)["removed_uncommitted"] == [] and len(g.uncommitted_segments()) == 1
-        assert len(g.reader()) == 0
+        assert len(CacheReader(g)) == 0
     finally:
         p.kill()
         p.wait()
@@ -105,7 +105,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     g = open_group(root, CacheMeta(**META).group_name)
-    r = g.reader()
+    r = CacheReader(g)
     assert len(r) == 100 and r.duplicates == 0 and set(r.keys()) == keys(0, 100)
     assert len(g.committed()) == 4 * 5  # ceil(25 / 6) segments per writer
     rep = verify(g, progress=False)
@@ -146,12 +146,12 @@ def test_racing_fillers_duplicates_resolved(tmp_path):
         with g.writer() as w:
             for i in range(lo, hi):
                 w.add(make_sample(i))
-    r = g.reader()
+    r = CacheReader(g)
     assert len(r) == 18 and r.duplicates == 6
     assert r.locate(make_sample(8).key)[0] == g.committed()[0].segment
     rep = verify(g, progress=False)
     assert rep["duplicates"] == 6 and rep["unique_keys"] == 18
     compact(g, target_rows=100, progress=False)
-    r = g.reader()
+    r = CacheReader(g)
     assert len(r) == 18 and r.duplicates == 0 and len(g.committed()) == 1
     assert verify(g, progress=False)["duplicates"] == 0

@@ -6,14 +6,14 @@ import json
 import pytest
 import zarr
 
-from logit_cache import (CacheMeta, CacheMismatchError, GroupNotFoundError, UnknownFormatVersion, find_group,
-                         group_name, open_for_training, open_group, teacher_fingerprint)
+from logit_cache import (CacheMeta, CacheMismatchError, CacheReader, GroupNotFoundError, UnknownFormatVersion,
+                         find_group, group_name, open_for_training, open_group)
 from logit_cache.cli import main as cli_main
 from logit_cache.synthetic import make_sample
 
 
 def meta(**kw):
-    d = dict(teacher_fingerprint=teacher_fingerprint({"hidden": 64, "layers": 2}, "w0"), tokenizer_hash="tok",
+    d = dict(teacher_fingerprint="f" * 32, tokenizer_hash="tok",
              template="qwen2_base", dataset_fingerprint="ds0123456789abcdef", vocab_size=1000, k=8,
              vision_strategy="full", num_visual_tokens=4)
     d.update(kw)
@@ -78,7 +78,7 @@ def test_unknown_manifest_version(tmp_path):
     d["format_version"] = 7
     f.write_text(json.dumps(d))
     with pytest.raises(UnknownFormatVersion, match="7"):
-        g.reader()
+        CacheReader(g)
 
 
 def test_find_group_lists_root(tmp_path):
@@ -111,3 +111,33 @@ def test_cli_ls_info_verify_gc_compact(tmp_path, capsys):
     assert cli_main(["gc", str(tmp_path), g.name]) == 0
     assert cli_main(["info", str(tmp_path), "nothere"]) == 2
     assert "GroupNotFoundError" in capsys.readouterr().err
+
+
+def test_factories_are_the_one_rule_for_writers_and_trainers():
+    from types import SimpleNamespace
+
+    def dataset(fingerprint, *has_image):
+        return SimpleNamespace(fingerprint=fingerprint, template="qwen2_base",
+                               samples=[SimpleNamespace(has_image=h) for h in has_image])
+
+    images, text_only = dataset("ds0123456789abcdef", False, True), dataset("captions99", False)
+    teacher = dict(teacher_fingerprint="f" * 32, tokenizer_hash="tok", vocab_size=1000, k=8, vision_strategy="full",
+                   num_visual_tokens=4, value_encoding="q8", target_kinds=["autocorr", "text", "not-a-kind"])
+    m = CacheMeta.for_dataset(images, **teacher)
+    assert (m.dataset_fingerprint, m.template, m.vision_strategy, m.num_visual_tokens) == \
+        ("ds0123456789abcdef", "qwen2_base", "full", 4)
+    assert m.value_encoding == "q8" and m.target_kinds == ["text", "autocorr"]  # stored order, unknown kinds dropped
+    t = CacheMeta.for_dataset(text_only, **teacher)
+    assert (t.vision_strategy, t.num_visual_tokens) == ("none", 0)  # text-only data records no vision fields
+
+    student = dict(tokenizer_hash="tok", vocab_size=1000, vision_strategy="full", num_visual_tokens=4)
+    exp = CacheMeta.expected_for(images, **student)
+    assert exp == {"dataset_fingerprint": "ds0123456789abcdef", "template": "qwen2_base", "tokenizer_hash": "tok",
+                   "vocab_size": 1000, "vision_strategy": "full", "num_visual_tokens": 4,
+                   "image_aspect_ratio": "square"}
+    assert m.differences(exp) == []
+    pad = CacheMeta.for_dataset(images, **teacher, image_aspect_ratio="pad")  # a pad teacher's group
+    assert pad.differences(exp) == [("image_aspect_ratio", "square", "pad")]
+    exp_text = CacheMeta.expected_for(text_only, **student, teacher_fingerprint="other")
+    assert "vision_strategy" not in exp_text and "image_aspect_ratio" not in exp_text
+    assert t.differences(exp_text) == [("teacher_fingerprint", "other", "f" * 32)]

@@ -158,7 +158,7 @@ print(json.dumps(out))
 @pytest.mark.parametrize("aspect", ["square", "pad"])
 def test_plain_transformers_answers_equal_student_trainer_eval(aspect, synth_dir, wide_synth_dir, tmp_path,
                                                                capsys):
-    from student_trainer.eval.cli import main as eval_main
+    from ckd_eval.cli import main as eval_main
 
     data = synth_dir if aspect == "square" else wide_synth_dir
     # A random tiny model answers every question alike; with its weights scaled up its answers depend

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from student_trainer.eval.cli import main
-from student_trainer.eval.common import EvalError
+from ckd_eval.cli import main
+from ckd_eval.common import EvalError
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def test_synth_generate_answer_file_score_and_resume(tiny_student, synth_dir, tm
     assert res["prompt_version"] and res["template"] == "qwen2_base" and res["max_new_tokens"] == 3
     assert res["n"] == len(questions) and set(res["details"]["categories"]) == {q["category"] for q in questions}
     assert res["generation"] == {"resumed": 0, "generated": len(questions), "total": len(questions)}
+    saved = json.loads((out / "eval_config.json").read_text())
+    assert saved["config"] == "EvalConfig" and saved["bench"] == "synth" and saved["max_new_tokens"] == 3
 
     # resume: a torn last line is regenerated, complete lines are kept as they are
     raw = answers.read_text()
@@ -73,7 +75,7 @@ def test_batching_and_text_only_questions(tiny_student, synth_dir, tmp_path):
     """Left-padded batches (mixed lengths, with and without image) give the per-question scores."""
     import torch
 
-    from student_trainer.eval.generate import Generator, Item
+    from ckd_eval.generate import Generator, Item
 
     gen = Generator(tiny_student[0])
     questions = [json.loads(x) for x in (synth_dir / "eval.jsonl").read_text().splitlines()][:3]
@@ -142,10 +144,46 @@ def test_missing_inputs_name_the_file_and_layout(tmp_path, capsys):
     assert "no-model" in capsys.readouterr().err
 
 
+def test_config_problems_reported_at_once_before_loading(tmp_path, capsys):
+    rc = main(["--bench", "gqa,nope", "--batch-size", "0", "--template", "chat", "--annotation", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    for part in ("unknown benchmark 'nope'", "eval run needs --model", "--batch-size must be at least 1",
+                 "--template 'chat'", "--annotation expects BENCH=PATH"):
+        assert part in err, part
+    assert main(["score", "--bench", "gqa,pope", "--answers", "a.jsonl"]) == 2
+    assert "exactly one --bench" in capsys.readouterr().err
+
+
+def test_student_trainer_eval_is_the_same_command(synth_dir, tmp_path, capsys):
+    from student_trainer.cli import main as student_trainer
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": json.loads(q)["question_id"], "text": "red"}) + "\n"
+                               for q in (synth_dir / "eval.jsonl").read_text().splitlines()))
+    args = ["score", "--bench", "synth", "--answers", str(answers), "--annotations", str(synth_dir / "eval.jsonl")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert student_trainer(["eval", *args, "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    a, b = (json.loads((tmp_path / d / "synth_result.json").read_text()) for d in "ab")
+    assert a["score"] == b["score"] and a["n"] == b["n"] > 0
+    assert (tmp_path / "a" / "synth_score_config.json").is_file()
+
+
+@pytest.mark.integration
+def test_module_entry_points():
+    import subprocess
+    import sys
+
+    for module in ("ckd_eval", "student_trainer.eval"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "--data-root" in r.stdout, (module, r.stderr[-2000:])
+
+
 def test_add_eval_parser_registers_on_a_parent_cli():
     import argparse
 
-    from student_trainer.eval.cli import add_eval_parser, run_eval
+    from ckd_eval.cli import add_eval_parser, run_eval
 
     parser = argparse.ArgumentParser(prog="student_trainer")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
@@ -154,9 +192,9 @@ def test_add_eval_parser_registers_on_a_parent_cli():
     a = parser.parse_args(["eval", "score", "--bench", "gqa", "--answers", "f.jsonl", "--annotations", "x.json"])
     assert a.action == "score" and a.answers == "f.jsonl"
     with pytest.raises(EvalError):
-        from student_trainer.eval.cli import _benches
+        from ckd_eval.config import parse_benches
 
-        _benches("gqa,unknown")
+        parse_benches("gqa,unknown")
 
 
 def _fake_llava_root(root, synth_dir):
@@ -230,7 +268,7 @@ def test_all_paper_benchmarks_run_on_the_llava_layout(tiny_student, synth_dir, t
 
 @pytest.mark.parametrize("bench", ["vqav2", "gqa", "textvqa", "sqa", "mme", "pope", "mmmu"])
 def test_missing_inputs_name_the_public_source_and_version(bench, tmp_path, capsys):
-    from student_trainer.eval.scorers import get_benchmark
+    from ckd_eval.scorers import get_benchmark
 
     source = get_benchmark(bench).source
     assert main(["--model", "m", "--bench", bench, "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
@@ -243,7 +281,7 @@ def test_missing_inputs_name_the_public_source_and_version(bench, tmp_path, caps
 
 def test_pope_labels_of_the_default_branch_are_refused_naming_the_commit(tmp_path):
     """LLaVA-1.5's 8,910 questions use POPE's labels at e3e39262 (2,910 random); the default branch has 3,000."""
-    from student_trainer.eval.scorers import pope
+    from ckd_eval.scorers import pope
 
     (tmp_path / "coco").mkdir()
     (tmp_path / "coco" / "coco_pope_random.json").write_text("".join(

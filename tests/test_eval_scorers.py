@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from student_trainer.eval.common import EvalError
-from student_trainer.eval.scorers import gqa, mme, mmmu, pope, sqa, synth, textvqa, vqav2
-from student_trainer.eval.scorers.evalai import answer_scores, normalize_answer, vqa_accuracy
+from ckd_eval.common import EvalError
+from ckd_eval.scorers import gqa, mme, mmmu, pope, sqa, synth, textvqa, vqav2
+from ckd_eval.scorers.evalai import answer_scores, normalize_answer, vqa_accuracy
 
 
 def _jsonl(path, recs):

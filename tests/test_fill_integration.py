@@ -1,4 +1,4 @@
-"""logit_cache fill through real teacher server processes (uvicorn, tiny teacher, CPU):
+"""logit_cache fill (deploy.fill) through real teacher server processes (uvicorn, tiny teacher, CPU):
 targets equal the in-process teacher, verify passes, resume, SIGKILL mid-fill, two servers."""
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def server(tiny_models, tmp_path_factory):
 
 
 def _opts(servers, data, template, out, **kw):
-    from logit_cache.fill import FillOptions
+    from deploy.fill import FillConfig
 
-    return FillOptions(servers=list(servers), data=str(data), images=str(data.parent / "images"), template=template,
+    return FillConfig(servers=list(servers), data=str(data), images=str(data.parent / "images"), template=template,
                        k=K, out=str(out), progress=False, **kw)
 
 
@@ -37,11 +37,11 @@ def _prepared(tiny_models, data, template):
 
 
 def _read_all(root) -> dict:
-    from logit_cache import list_groups, open_group
+    from logit_cache import CacheReader, list_groups, open_group
 
     groups = list_groups(root)
     assert len(groups) == 1, groups
-    reader = open_group(root, next(iter(groups))).reader()
+    reader = CacheReader(open_group(root, next(iter(groups))))
     return {k: reader.get(k) for k in reader.keys()}
 
 
@@ -61,7 +61,7 @@ def _verify(root) -> dict:
 
 def test_fill_equals_in_process_teacher_and_verifies(server, tiny_models, synth_dir, tmp_path):
     from ckd_common.teacher import TeacherInput, TeacherRunner
-    from logit_cache.fill import fill
+    from deploy.fill import fill
 
     data = synth_dir / "instruct.json"
     stats = fill(_opts([server.url], data, "qwen2_base", tmp_path / "cache", segment_rows=7))
@@ -84,10 +84,33 @@ def test_fill_equals_in_process_teacher_and_verifies(server, tiny_models, synth_
     assert again.written == 0 and again.already_committed == len(keys) and again.requests == 0
 
 
+def test_fill_and_in_process_writer_record_the_same_metadata(server, tiny_models, synth_dir, tmp_path):
+    """Both writers build the group's metadata with CacheMeta.for_dataset: for the same teacher,
+    data and encoding they agree on every content field. The fill saves its config in the group."""
+    import json
+
+    from cachefill import fill_cache
+    from deploy.fill import fill
+    from logit_cache import list_groups
+    from logit_cache.meta import INFORMATIONAL
+
+    data = synth_dir / "pretrain.json"
+    fill(_opts([server.url], data, "pretrain", tmp_path / "served", encoding="q8"))
+    fill_cache(tiny_models["tiny-teacher"], data, data.parent / "images", "pretrain", tmp_path / "local", k=K,
+               encoding="q8")
+    (name, served), = list_groups(tmp_path / "served").items()
+    (_, local), = list_groups(tmp_path / "local").items()
+    content = [f for f in served.to_dict() if f not in INFORMATIONAL]
+    assert {f: getattr(served, f) for f in content} == {f: getattr(local, f) for f in content}
+    assert served.value_encoding == "q8" and served.target_kinds == ["text", "visual", "autocorr"]
+    saved = json.loads((tmp_path / "served" / name / "fill_config.json").read_text())
+    assert saved["config"] == "FillConfig" and saved["servers"] == [server.url] and saved["encoding"] == "q8"
+
+
 def test_fill_refuses_mismatched_cache_and_bad_k(server, synth_dir, tmp_path):
     from dataclasses import replace
 
-    from logit_cache.fill import FillError, fill
+    from deploy.fill import FillError, fill
 
     opts = _opts([server.url], synth_dir / "pretrain.json", "pretrain", tmp_path / "c")
     fill(opts)
@@ -98,7 +121,7 @@ def test_fill_refuses_mismatched_cache_and_bad_k(server, synth_dir, tmp_path):
 
 
 def test_two_servers_one_fill(server, tiny_models, synth_dir, tmp_path):
-    from logit_cache.fill import fill
+    from deploy.fill import fill
 
     data = synth_dir / "pretrain.json"
     with ServerProc(tiny_models["tiny-teacher"], tmp_path, name="second") as second:
@@ -115,7 +138,7 @@ def test_sigkill_server_mid_fill_then_resume(server, tiny_models, tmp_path):
 
     from ckd_common.synth import synthesize
     from logit_cache.cli import main as cache_cli
-    from logit_cache.fill import FillError, fill
+    from deploy.fill import FillError, fill
 
     synthesize(tmp_path / "big", seed=1, n_pretrain=0, n_instruct=48, n_eval=0)
     data = tmp_path / "big" / "instruct.json"
@@ -173,7 +196,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_committed(server, tmp_path):
     import sys
 
     from ckd_common.synth import synthesize
-    from logit_cache.fill import fill
+    from deploy.fill import fill
 
     synthesize(tmp_path / "d", seed=2, n_pretrain=40, n_instruct=0, n_eval=0)
     data = tmp_path / "d" / "pretrain.json"

@@ -1,5 +1,5 @@
-"""logit_cache.fill without servers: the /v1/info agreement check, request chunking, response
-checks and the CLI's error path."""
+"""deploy.fill (``logit_cache fill``) without servers: the /v1/info agreement check, request
+chunking, response checks and the CLI's error path."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,20 +7,29 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from ckd_common.protocol import Info
 from ckd_common.targets import SampleTargets, SparseTopK
-from logit_cache.fill import Chunk, FillError, check_infos, decode_checked, make_chunks
+from deploy.fill import check_infos
+from deploy.fill_pipeline import Chunk, FillError, decode_checked, make_chunks
 
-INFO = {"teacher_fingerprint": "f1", "tokenizer_hash": "t1", "vocab_size": 512, "tokenizer_vocab_size": 496,
-        "num_visual_tokens": 16, "vision_strategy": "full", "image_size": 56, "image_token_id": 3,
-        "supported_templates": ["pretrain", "qwen2_base"], "max_k": 64}
+INFO = Info(teacher_fingerprint="f1", tokenizer_hash="t1", vocab_size=512, tokenizer_vocab_size=496,
+            num_visual_tokens=16, vision_strategy="full", image_size=56, image_token_id=3,
+            supported_templates=["pretrain", "qwen2_base"], max_k=64, engine="hf", common_vocab_size=496,
+            hidden_size=64, dtype="fp32", device="cpu", max_batch_tokens=1024, max_request_samples=8,
+            max_request_tokens=4096, max_body_bytes=1 << 20, target_kinds=["text", "visual", "autocorr"],
+            wire_version=1)
+
+
+def _other(**changes) -> Info:
+    return INFO.model_copy(update=changes)
 
 
 def test_servers_must_run_the_same_teacher():
-    assert check_infos({"a": INFO, "b": dict(INFO)}, "pretrain", 8) == INFO
+    assert check_infos({"a": INFO, "b": _other()}, "pretrain", 8) == INFO
     with pytest.raises(FillError, match="teacher_fingerprint: a has 'f1', b has 'f2'"):
-        check_infos({"a": INFO, "b": {**INFO, "teacher_fingerprint": "f2"}}, "pretrain", 8)
+        check_infos({"a": INFO, "b": _other(teacher_fingerprint="f2")}, "pretrain", 8)
     with pytest.raises(FillError, match="num_visual_tokens"):
-        check_infos({"a": INFO, "b": {**INFO, "num_visual_tokens": 15}}, "pretrain", 8)
+        check_infos({"a": INFO, "b": _other(num_visual_tokens=15)}, "pretrain", 8)
     with pytest.raises(FillError, match="does not support template 'other'"):
         check_infos({"a": INFO}, "other", 8)
     with pytest.raises(FillError, match="--k 65 is out of range"):
@@ -63,3 +72,28 @@ def test_cli_reports_unreachable_server(tmp_path, capsys, synth_dir):
                "--wait-ready", "0.5"])
     err = capsys.readouterr().err
     assert rc == 1 and "http://127.0.0.1:9 is not ready" in err and "Traceback" not in err
+
+
+def test_config_reports_every_problem_at_once(tmp_path):
+    from ckd_common.config import ConfigError
+    from deploy.fill import FillConfig
+
+    cfg = FillConfig(["http://a", "http://a/", "ftp://b"], str(tmp_path / "none.json"), None, "chat", 0, "",
+                     encoding="f8", token_file=str(tmp_path / "token"))
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate()
+    msg = str(ei.value)
+    for part in ("lists a URL twice", "--server ftp://b", "none.json does not exist", "--template 'chat'",
+                 "--out is required", "--encoding 'f8'", "--k must be at least 1", "--token-file"):
+        assert part in msg, part
+
+
+def test_ckd_fill_is_the_same_command(tmp_path, capsys, synth_dir):
+    from deploy.cli import main
+
+    rc = main(["fill", "--server", "http://127.0.0.1:9", "--data", str(synth_dir / "pretrain.json"),
+               "--images", str(synth_dir / "images"), "--template", "pretrain", "--out", str(tmp_path / "c"),
+               "--wait-ready", "0.5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "ckd fill: server http://127.0.0.1:9 is not ready" in err and "Traceback" not in err
+    assert "FillConfig:" in err and "wait_ready_s" in err  # the resolved config is printed at start

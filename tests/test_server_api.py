@@ -201,6 +201,24 @@ def test_auth(tiny_models, tmp_path):
         assert c.post("/v1/targets", content=b"x").status_code == 401
 
 
+def test_config_validated_at_once_and_saved_without_the_token(tiny_models, tmp_path):
+    import json
+
+    from ckd_common.config import ConfigError
+
+    bad = ServerConfig(model_dir=str(tmp_path), device="tpu", engine="trt", max_k=0, port=70000,
+                       token_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError) as ei:
+        bad.validate()
+    assert len(ei.value.problems) == 6, ei.value.problems
+    cfg = ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), port_file=str(tmp_path / "s.port"),
+                       token="s3cret").validate()
+    assert cfg.config_path == tmp_path / "s.config.json"
+    cfg.save(cfg.config_path)
+    assert json.loads(cfg.config_path.read_text())["token"] == "<redacted>"
+    assert "s3cret" not in cfg.config_path.read_text() and "s3cret" not in cfg.describe() + repr(cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # back-pressure and engine failures, deterministic with a gated stub engine
 

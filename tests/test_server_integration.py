@@ -40,22 +40,13 @@ def guarded(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wire_samples(guarded, synth_dir):
-    import io
-    import zipfile
-
-    import httpx
-    from transformers import AutoTokenizer
-
     from ckd_common.data import prepare_file
+    from teacher_server.client import TeacherClient
 
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    info = httpx.get(f"{guarded.url}/v1/info", headers=auth).json()
-    z = httpx.get(f"{guarded.url}/v1/tokenizer", headers=auth).content
-    d = Path(guarded.workdir) / "tok"
-    zipfile.ZipFile(io.BytesIO(z)).extractall(d)
-    tok = AutoTokenizer.from_pretrained(str(d))
-    ds = prepare_file(synth_dir / "instruct.json", tok, "qwen2_base", info["num_visual_tokens"],
-                      info["image_token_id"], synth_dir / "images")
+    with TeacherClient(guarded.url, TOKEN) as server:
+        info, tok = server.info(), server.tokenizer()
+    ds = prepare_file(synth_dir / "instruct.json", tok, "qwen2_base", info.num_visual_tokens,
+                      info.image_token_id, synth_dir / "images")
     return [WireSample(s.key, s.input_ids, s.response_positions, s.visual_start, s.num_visual,
                        Path(s.image_path).read_bytes() if s.has_image else None, s.id) for s in ds.samples]
 
@@ -71,16 +62,35 @@ def test_auth_enforced(guarded):
     assert httpx.get(f"{guarded.url}/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
-def test_fill_needs_and_uses_the_token(guarded, synth_dir, tmp_path):
-    from logit_cache.fill import FillError, FillOptions, fill
+def test_config_saved_next_to_the_port_file_without_the_token(guarded):
+    import json
 
-    opts = FillOptions([guarded.url], str(synth_dir / "pretrain.json"), str(synth_dir / "images"), "pretrain", 8,
-                       str(tmp_path / "cache"), progress=False)
+    saved = json.loads((guarded.workdir / "guarded.config.json").read_text())
+    assert saved["config"] == "ServerConfig" and saved["max_batch_tokens"] == BATCH_TOKENS
+    assert saved["token_file"].endswith("token") and saved["token"] == "<redacted>"
+
+
+def test_fill_needs_and_uses_the_token(guarded, synth_dir, tmp_path):
+    from deploy.fill import FillConfig, FillError, fill
+
+    opts = FillConfig([guarded.url], str(synth_dir / "pretrain.json"), str(synth_dir / "images"), "pretrain", 8,
+                      str(tmp_path / "cache"), progress=False)
     with pytest.raises(FillError, match="bearer token"):
         fill(opts)
-    opts.token = TOKEN
+    opts.token_file = str(guarded.workdir / "token")  # the token travels in a file, never in the config
     stats = fill(opts)
     assert stats.written == stats.samples > 0
+
+
+def test_client_targets_need_and_use_the_token(guarded, wire_samples):
+    from teacher_server.client import TeacherClient, Unauthorized
+
+    request = TargetsRequest(wire_samples[:2], 8, None, "qwen2_base")
+    with pytest.raises(Unauthorized):
+        TeacherClient(guarded.url).targets(request)
+    with TeacherClient(guarded.url, TOKEN) as server:
+        assert [t.key for t in server.targets(request).targets] == [s.key for s in wire_samples[:2]]
+        assert 'teacher_requests_total{code="200"}' in server.metrics()
 
 
 def test_flood_gets_backpressure_not_a_crash(guarded, wire_samples):

@@ -32,7 +32,7 @@ class ServerProc:
         return f.read_text()[-4000:] if f.exists() else ""
 
     def start(self) -> "ServerProc":
-        import httpx
+        from teacher_server.client import TeacherClient
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         port_file = self.workdir / f"{self.name}.port"
@@ -45,21 +45,23 @@ class ServerProc:
              "--port-file", str(port_file), "--log-level", "warning", *self.extra],
             stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
         logf.close()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+
+        def alive() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before ready:\n{self.log}")
-            if self.port is None and port_file.exists():
-                self.port = int(port_file.read_text())
-            if self.port is not None:
-                try:
-                    if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not port_file.exists() and time.monotonic() < deadline:
+            alive()
             time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S}s:\n{self.log}")
+        try:
+            self.port = int(port_file.read_text())
+            with TeacherClient(self.url) as server:
+                server.wait_ready(max(deadline - time.monotonic(), 0), poll_s=0.2, check=alive)
+            return self
+        except (OSError, ValueError, RuntimeError) as e:  # no port file, or never ready (NotReady)
+            self.kill()
+            raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S}s ({e}):\n{self.log}") from None
 
     def kill(self) -> None:
         """SIGKILL: no chance to finish anything (the crash case)."""

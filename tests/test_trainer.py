@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def cache(tiny_models, synth_dir, tmp_path_factory):
     """A cache root with the tiny teacher's targets for the pretrain and instruct data."""
-    from student_trainer.cachefill import fill_cache
+    from cachefill import fill_cache
 
     root = tmp_path_factory.mktemp("cache") / "tiny-teacher"
     for data, template in (("pretrain.json", "pretrain"), ("instruct.json", "qwen2_base")):
@@ -261,15 +261,17 @@ def _student_dataset(tiny_models, synth_dir, data="instruct.json", template="qwe
                                          ("num_visual_tokens", 15), ("template", "pretrain"),
                                          ("image_aspect_ratio", "pad")])  # a pad teacher, a square student
 def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_models, synth_dir, tmp_path, capsys):
-    from logit_cache import CacheMeta, open_group
+    from dataclasses import replace
+
+    from logit_cache import TARGET_KINDS, CacheMeta, open_group
 
     ds, info = _student_dataset(tiny_models, synth_dir)
-    meta = dict(teacher_fingerprint="t" * 32, tokenizer_hash=info.tokenizer_hash, template=ds.template,
-                dataset_fingerprint=ds.fingerprint, vocab_size=info.common_vocab, k=8,
-                vision_strategy=info.vision_strategy, num_visual_tokens=info.num_visual_tokens)
-    meta[field] = value
+    meta = CacheMeta.for_dataset(ds, teacher_fingerprint="t" * 32, tokenizer_hash=info.tokenizer_hash,
+                                 vocab_size=info.common_vocab, k=8, vision_strategy=info.vision_strategy,
+                                 num_visual_tokens=info.num_visual_tokens, value_encoding="f16",
+                                 target_kinds=TARGET_KINDS)
     root = tmp_path / "cache"
-    open_group(root, meta=CacheMeta(**meta), create=True)
+    open_group(root, meta=replace(meta, **{field: value}), create=True)
     rc = main(_args("distill", "dft", tiny_models["tiny-student"], synth_dir, tmp_path / "o",
                     extra=["--cache", str(root), "--num-workers", "0"]))
     err = capsys.readouterr().err
@@ -277,7 +279,7 @@ def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_model
 
 
 def test_missing_targets_error_or_skip(tiny_models, synth_dir, tmp_path, capsys):
-    from student_trainer.cachefill import fill_cache
+    from cachefill import fill_cache
 
     root = tmp_path / "partial-cache"
     fill_cache(tiny_models["tiny-teacher"], synth_dir / "instruct.json", synth_dir / "images", "qwen2_base", root,

@@ -25,7 +25,7 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 
 @pytest.fixture(scope="module")
 def cache(tiny_models, synth_dir, tmp_path_factory):
-    from student_trainer.cachefill import fill_cache
+    from cachefill import fill_cache
 
     root = tmp_path_factory.mktemp("icache") / "tiny-teacher"
     fill_cache(tiny_models["tiny-teacher"], synth_dir / "instruct.json", synth_dir / "images", "qwen2_base", root, k=8)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_json, require_complete
+from ckd_eval.common import EvalError, read_json, require_complete
 
 OFFICIAL = "LLaVA-1.5 llava/eval/eval_science_qa.py"
 VERSION = "sqa/1"

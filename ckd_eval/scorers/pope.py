@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_jsonl, require_complete
+from ckd_eval.common import EvalError, read_jsonl, require_complete
 
 OFFICIAL = "LLaVA llava/eval/eval_pope.py"
 VERSION = "pope/1"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_json, require_complete, write_json
+from ckd_eval.common import EvalError, read_json, require_complete, write_json
 
 OFFICIAL = "LLaVA scripts/convert_gqa_for_eval.py + GQA eval.py"
 VERSION = "gqa/1"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError
+from ckd_eval.common import EvalError
 
 OFFICIAL = "LLaVA MME/convert_answer_to_mme.py + MME eval_tool/calculation.py"
 VERSION = "mme/1"

@@ -5,7 +5,7 @@ Answer files use the LLaVA answer-file format, one JSON object per line::
     {"question_id": ..., "prompt": ..., "text": ..., "answer_id": ..., "model_id": ..., "metadata": {...}}
 
 so files written by LLaVA / TinyLLaVA / LLaVA-KD (or any tool that writes the same fields) can be
-scored with ``student_trainer eval score`` and ours can be fed to their scripts.
+scored with ``ckd_eval score`` and ours can be fed to their scripts.
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""``student_trainer eval``: generate answers and score them with the official rules.
+"""``ckd_eval`` (= ``student_trainer eval``): generate answers and score them with the official rules.
 
-  student_trainer eval --model DIR --bench vqav2,gqa,textvqa,sqa,mme,pope,mmmu[,synth] \\
-                       --data-root DIR --out DIR [--batch-size 8 --limit N --allow-partial ...]
-  student_trainer eval score --bench NAME --answers FILE.jsonl --annotations PATH \\
-                       [--questions FILE] [--out DIR] [--allow-partial]
+  python -m ckd_eval --model DIR --bench vqav2,gqa,textvqa,sqa,mme,pope,mmmu[,synth] \\
+                     --data-root DIR --out DIR [--batch-size 8 --limit N --allow-partial ...]
+  python -m ckd_eval score --bench NAME --answers FILE.jsonl --annotations PATH \\
+                     [--questions FILE] [--out DIR] [--allow-partial]
 
-``python -m student_trainer.eval ...`` is the same command. See ``student_trainer/eval/README.md``
-for every benchmark's layout under ``--data-root`` and its scoring quirks.
+``ckd_eval``, ``python -m ckd_eval`` and ``student_trainer eval`` are the same command. The flags map
+to ``ckd_eval.config.EvalConfig``. See ``ckd_eval/README.md`` for every benchmark's layout under
+``--data-root`` and its scoring quirks.
 """
 from __future__ import annotations
 
@@ -14,41 +15,51 @@ import argparse
 import datetime as _dt
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from student_trainer.eval.common import PROMPT_VERSION, EvalError, read_answers, read_json, read_questions, write_json
-from student_trainer.eval.scorers import BENCHMARKS, PAPER_BENCHMARKS, Benchmark, get_benchmark
+from ckd_common.config import ConfigError
+from ckd_eval.common import PROMPT_VERSION, EvalError, read_answers, read_json, read_questions, write_json
+from ckd_eval.config import ACTIONS, DTYPES, RUN_CONFIG_FILE, EvalConfig
+from ckd_eval.scorers import Benchmark
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The one map of flags to EvalConfig fields (help texts and defaults come from the fields)."""
     p.description = __doc__.split("\n\n")[0]
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n\n", 1)[1]
-    p.add_argument("action", nargs="?", default="run", choices=["run", "score"],
-                   help="run = generate + score (default); score = score an existing answer file")
-    p.add_argument("--bench", default=None,
-                   help=f"comma-separated benchmarks ({','.join(BENCHMARKS)}; 'paper' = the seven of the paper)")
-    p.add_argument("--model", help="HF llava model directory (run)")
-    p.add_argument("--data-root", help="evaluation data root in the LLaVA-1.5 layout (see README)")
-    p.add_argument("--out", help="output directory: <out>/<bench>/answers.jsonl, result.json; <out>/results.json")
-    p.add_argument("--template", default=None,
-                   help="conversation template; default: the one the checkpoint records, else qwen2_base")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="override the per-benchmark limit (128; 1024 for ScienceQA)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark (smoke tests)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--annotation", action="append", default=[], metavar="BENCH=PATH",
-                   help="override a benchmark's annotations path (run); repeatable")
-    p.add_argument("--overwrite", action="store_true", help="regenerate answer files instead of resuming")
-    p.add_argument("--allow-partial", action="store_true",
-                   help="score incomplete answer files over the answered questions (marked partial)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--answers", help="answer file to score (score)")
-    p.add_argument("--annotations", help="annotations path (score); default: the benchmark's path under --data-root")
-    p.add_argument("--questions", help="question file (score; needed by pope and mmmu)")
+    spec = {f.name: f for f in fields(EvalConfig)}
+
+    def opt(flag: str, name: str, **kw) -> None:
+        f = spec[name]
+        kw.setdefault("default", f.default_factory() if callable(f.default_factory) else f.default)
+        p.add_argument(flag, dest=name, help=f.metadata["help"], **kw)
+
+    p.add_argument("action", nargs="?", default=spec["action"].default, choices=ACTIONS,
+                   help=spec["action"].metadata["help"])
+    opt("--bench", "bench")
+    opt("--model", "model")
+    opt("--data-root", "data_root")
+    opt("--out", "out")
+    opt("--template", "template")
+    opt("--batch-size", "batch_size", type=int)
+    opt("--max-new-tokens", "max_new_tokens", type=int)
+    opt("--limit", "limit", type=int)
+    opt("--device", "device")
+    opt("--dtype", "dtype", choices=DTYPES)
+    opt("--annotation", "annotation", action="append", metavar="BENCH=PATH")
+    opt("--overwrite", "overwrite", action="store_true")
+    opt("--allow-partial", "allow_partial", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    opt("--answers", "answers")
+    opt("--annotations", "annotations")
+    opt("--questions", "questions")
     return p
+
+
+def config_from_args(a: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(**{f.name: getattr(a, f.name) for f in fields(EvalConfig) if hasattr(a, f.name)})
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -75,30 +86,10 @@ def _check_inputs(bench: Benchmark, questions: Path, annotations: Path) -> None:
     layout = f"--data-root/{bench.questions}"
     if not questions.is_file():
         raise EvalError(f"{bench.name}: question file {questions} not found (expected layout: {layout}; "
-                        f"source: {bench.source}; see student_trainer/eval/README.md)")
+                        f"source: {bench.source}; see ckd_eval/README.md)")
     if not annotations.exists():
         raise EvalError(f"{bench.name}: annotations {annotations} not found (expected layout: "
-                        f"--data-root/{bench.annotations}; source: {bench.source}; see student_trainer/eval/README.md)")
-
-
-def _benches(spec: str | None) -> list[Benchmark]:
-    if not spec:
-        raise EvalError("--bench is required")
-    names = []
-    for n in (x.strip() for x in spec.split(",")):
-        names.extend(PAPER_BENCHMARKS if n == "paper" else [n] if n else [])
-    return [get_benchmark(n) for n in dict.fromkeys(names)]
-
-
-def _overrides(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise EvalError(f"--annotation expects BENCH=PATH, got {p!r}")
-        k, v = p.split("=", 1)
-        get_benchmark(k)
-        out[k] = v
-    return out
+                        f"--data-root/{bench.annotations}; source: {bench.source}; see ckd_eval/README.md)")
 
 
 def score_file(bench: Benchmark, answers_path: Path, annotations: Path, questions_path: Path | None = None,
@@ -158,34 +149,31 @@ def _merge_results(out: Path, new: list[dict]) -> dict:
     return merged
 
 
-def _run(args) -> int:
-    benches = _benches(args.bench)
-    if not args.model or not args.out:
-        raise EvalError("eval run needs --model, --bench, --data-root and --out")
-    root = Path(args.data_root) if args.data_root else None
-    overrides = _overrides(args.annotation)
+def _run(cfg: EvalConfig) -> int:
+    root = Path(cfg.data_root)
     plan = []
-    for b in benches:  # check every input before loading the model
-        q, img, ann = _paths(b, root, overrides)
+    for b in cfg.benches:  # check every input before loading the model
+        q, img, ann = _paths(b, root, cfg.overrides)
         _check_inputs(b, q, ann)
         plan.append((b, q, img, ann))
-    from student_trainer.eval.generate import Generator, check_images, load_items, run_generation
+    out = Path(cfg.out)
+    cfg.save(out / RUN_CONFIG_FILE)
+    from ckd_eval.generate import Generator, check_images, load_items, run_generation
 
-    gen = Generator(args.model, template=args.template, device=args.device, dtype=args.dtype)
-    out = Path(args.out)
+    gen = Generator(cfg.model, template=cfg.template, device=cfg.device, dtype=cfg.dtype)
     results = []
     for b, q, img, ann in plan:
-        items = load_items(b, q, img, args.limit)
+        items = load_items(b, q, img, cfg.limit)
         check_images(items, b, img)
-        max_new = args.max_new_tokens or b.max_new_tokens
+        max_new = cfg.max_new_tokens or b.max_new_tokens
         bdir = out / b.name
-        counts = run_generation(gen, items, bdir / "answers.jsonl", max_new, batch_size=args.batch_size,
-                                overwrite=args.overwrite, progress=not args.no_progress, desc=b.name)
+        counts = run_generation(gen, items, bdir / "answers.jsonl", max_new, batch_size=cfg.batch_size,
+                                overwrite=cfg.overwrite, progress=cfg.progress, desc=b.name)
         res = score_file(b, bdir / "answers.jsonl", ann, q, out_dir=bdir,
-                         allow_partial=args.allow_partial or args.limit is not None, limit=args.limit)
-        res["model"] = {"dir": str(args.model), "fingerprint": gen.fingerprint, **gen.info.to_dict()}
+                         allow_partial=cfg.allow_partial or cfg.limit is not None, limit=cfg.limit)
+        res["model"] = {"dir": str(cfg.model), "fingerprint": gen.fingerprint, **gen.info.to_dict()}
         res.update(template=gen.template.name, prompt_version=PROMPT_VERSION, max_new_tokens=max_new,
-                   generation=counts, limit=args.limit, batch_size=args.batch_size)
+                   generation=counts, limit=cfg.limit, batch_size=cfg.batch_size)
         write_json(bdir / "result.json", res)
         results.append(res)
     _merge_results(out, results)
@@ -194,29 +182,25 @@ def _run(args) -> int:
     return 0
 
 
-def _score(args) -> int:
-    benches = _benches(args.bench)
-    if len(benches) != 1:
-        raise EvalError("eval score takes exactly one --bench")
-    b = benches[0]
-    if not args.answers:
-        raise EvalError("eval score needs --answers FILE.jsonl")
-    root = Path(args.data_root) if args.data_root else None
-    if args.annotations:
-        ann = Path(args.annotations)
+def _score(cfg: EvalConfig) -> int:
+    b = cfg.benches[0]
+    root = Path(cfg.data_root) if cfg.data_root else None
+    if cfg.annotations:
+        ann = Path(cfg.annotations)
     elif root is not None:
         ann = _paths(b, root, {})[2]
     else:
         raise EvalError(f"{b.name}: give --annotations (expected: {b.annotations}) or --data-root")
     if not ann.exists():
         raise EvalError(f"{b.name}: annotations {ann} not found (expected: {b.annotations}; source: {b.source})")
-    qpath = Path(args.questions) if args.questions else (_paths(b, root, {})[0] if root is not None else None)
+    qpath = Path(cfg.questions) if cfg.questions else (_paths(b, root, {})[0] if root is not None else None)
     if qpath is not None and not qpath.is_file():
-        if args.questions or b.needs_questions:
+        if cfg.questions or b.needs_questions:
             raise EvalError(f"{b.name}: question file {qpath} not found (expected: {b.questions}; source: {b.source})")
         qpath = None
-    out = Path(args.out) if args.out else Path(args.answers).parent
-    res = score_file(b, Path(args.answers), ann, qpath, out_dir=out, allow_partial=args.allow_partial)
+    out = cfg.score_out
+    cfg.save(out / f"{b.name}_score_config.json")
+    res = score_file(b, Path(cfg.answers), ann, qpath, out_dir=out, allow_partial=cfg.allow_partial)
     write_json(out / f"{b.name}_result.json", res)
     print(format_table([res]))
     print(f"result: {out / (b.name + '_result.json')}")
@@ -224,19 +208,21 @@ def _score(args) -> int:
     return 0
 
 
-def run_eval(args) -> int:
-    """Entry point for ``student_trainer eval`` (returns an exit code; errors print one line)."""
+def run_eval(args: argparse.Namespace) -> int:
+    """Entry point of ``ckd_eval`` / ``student_trainer eval`` (returns an exit code; errors print one line)."""
     from ckd_common.data import DataError
     from ckd_common.model import ModelLoadError
     from ckd_common.templates import TemplateError
 
     try:
-        return _score(args) if args.action == "score" else _run(args)
-    except (EvalError, DataError, ModelLoadError, TemplateError) as e:
-        print(f"student_trainer eval: error: {e}", file=sys.stderr)
+        cfg = config_from_args(args).validate()
+        print(cfg.describe())
+        return _score(cfg) if cfg.action == "score" else _run(cfg)
+    except (ConfigError, EvalError, DataError, ModelLoadError, TemplateError) as e:
+        print(f"ckd_eval: error: {e}", file=sys.stderr)
         return 2
 
 
 def main(argv=None) -> int:
-    p = configure_parser(argparse.ArgumentParser(prog="student_trainer eval"))
+    p = configure_parser(argparse.ArgumentParser(prog="ckd_eval"))
     return run_eval(p.parse_args(argv))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_questions, require_complete
-from student_trainer.eval.scorers.evalai import normalize_answer
+from ckd_eval.common import EvalError, read_questions, require_complete
+from ckd_eval.scorers.evalai import normalize_answer
 
 OFFICIAL = "none (toolkit's synthetic benchmark): normalised exact match"
 VERSION = "synth/1"

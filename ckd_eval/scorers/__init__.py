@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from student_trainer.eval.common import MULTI_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX
-from student_trainer.eval.scorers import gqa, mme, mmmu, pope, sqa, synth, textvqa, vqav2
+from ckd_eval.common import MULTI_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX
+from ckd_eval.scorers import gqa, mme, mmmu, pope, sqa, synth, textvqa, vqav2
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ PAPER_BENCHMARKS = ("vqav2", "gqa", "textvqa", "sqa", "mme", "pope", "mmmu")
 
 
 def get_benchmark(name: str) -> Benchmark:
-    from student_trainer.eval.common import EvalError
+    from ckd_eval.common import EvalError
 
     if name not in BENCHMARKS:
         raise EvalError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")

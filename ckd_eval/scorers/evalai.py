@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from student_trainer.eval.common import EvalError
+from ckd_eval.common import EvalError
 
 _CONTRACTION_PAIRS = (
     "aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|"

@@ -22,8 +22,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from student_trainer.eval.common import PROMPT_VERSION, EvalError, read_questions
-from student_trainer.eval.scorers import Benchmark
+from ckd_common.templates import QWEN2_BASE
+from ckd_eval.common import PROMPT_VERSION, EvalError, read_questions
+from ckd_eval.scorers import Benchmark
 
 
 @dataclass
@@ -70,7 +71,7 @@ def load_items(bench: Benchmark, question_file: Path, image_root: Path, limit: i
         fixed = None
         if bench.name == "mmmu" and image is None:
             # TinyLLaVA/LLaVA-KD model_vqa_mmmu: multi-image questions are not generated.
-            from student_trainer.eval.scorers.mmmu import MULTI_IMAGE_OPEN_TEXT
+            from ckd_eval.scorers.mmmu import MULTI_IMAGE_OPEN_TEXT
 
             fixed = "" if rec.get("question_type") == "multiple-choice" else MULTI_IMAGE_OPEN_TEXT
         items.append(Item(qid, text, prompt, image, rec.get("category"), fixed))

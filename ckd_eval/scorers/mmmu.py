@@ -31,7 +31,7 @@ import random
 import re
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_json, require_complete
+from ckd_eval.common import EvalError, read_json, require_complete
 
 OFFICIAL = "MMMU eval/eval_utils.py + eval/main_eval_only.py (TinyLLaVA/LLaVA-KD model_vqa_mmmu.py parsing, seed 42)"
 VERSION = "mmmu/1"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_json
-from student_trainer.eval.scorers.evalai import vqa_accuracy
+from ckd_eval.common import EvalError, read_json
+from ckd_eval.scorers.evalai import vqa_accuracy
 
 OFFICIAL = "LLaVA llava/eval/eval_textvqa.py + llava/eval/m4c_evaluator.py"
 VERSION = "textvqa/1"

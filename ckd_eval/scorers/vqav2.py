@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from student_trainer.eval.common import EvalError, read_json, read_jsonl, require_complete, write_json
-from student_trainer.eval.scorers.evalai import normalize_answer, vqa_accuracy
+from ckd_eval.common import EvalError, read_json, read_jsonl, require_complete, write_json
+from ckd_eval.scorers.evalai import normalize_answer, vqa_accuracy
 
 OFFICIAL = "LLaVA scripts/convert_vqav2_for_submission.py + llava/eval/m4c_evaluator.py"
 VERSION = "vqav2/1"

@@ -1,0 +1,354 @@
+"""``logit_cache fill`` (= ``ckd fill``): stream a prepared dataset through teacher servers into a cache.
+
+    logit_cache fill --server URL [--server URL ...] --data FILE.json --images DIR \\
+        --template pretrain|qwen2_base --k 64 --out cache/NAME
+
+Steps: ask every server for /v1/info (they must all run the same teacher) and the tokenizer
+(/v1/tokenizer, or --tokenizer DIR, whose hash must equal the server's); prepare the data with
+ckd_common exactly as the trainer will; open (or create) the group for (dataset, template) under
+``--out``, refusing one filled with another teacher/tokenizer/vocabulary/k; skip every committed
+key (resume); send the rest in requests of similar-length samples to all servers, ``--concurrency``
+requests in flight per server; write results into immutable, committed segments. The resolved
+config is printed at start and saved in the group as ``fill_config.json`` (the last run's).
+
+Failures: connection errors, timeouts, 429/5xx are retried with exponential back-off (honouring
+Retry-After), on any server; a request still failing after ``--retries`` attempts, or any 4xx
+(the server names the sample and the problem), stops the fill. Ctrl-C (or SIGTERM) stops
+cleanly: in-flight requests are dropped, everything received is committed, exit code 130.
+Whatever was committed is kept; re-running the same command resumes. Exit codes: 0 done,
+1 failed (invalid config, server or cache problem), 130 interrupted.
+
+The fill is the client -> cache-writer pipeline: HTTP goes through ``teacher_server.client``,
+storage through ``logit_cache``; it lives in ``deploy`` because it joins the two. This module is
+the command (config, server checks, data, group); ``deploy.fill_pipeline`` streams the requests.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ckd_common.config import CommandConfig, ConfigError
+from ckd_common.protocol import Info, read_token_file
+from ckd_common.templates import PRETRAIN, TEMPLATE_NAMES
+from logit_cache import VALUE_ENCODINGS, CacheError, CacheMeta, open_group
+from logit_cache.meta import DEFAULT_VALUE_ENCODING
+from teacher_server.client import ClientError, RetryPolicy, TeacherClient, Unauthorized
+
+from .fill_pipeline import FillError, FillStats, make_chunks, stream_targets
+
+INFO_FIELDS_THAT_MUST_AGREE = ("teacher_fingerprint", "tokenizer_hash", "vocab_size", "tokenizer_vocab_size",
+                               "num_visual_tokens", "vision_strategy", "image_size", "image_aspect_ratio",
+                               "image_token_id")
+ON_ERROR = ("raise", "skip")
+CONFIG_FILE = "fill_config.json"  # saved inside the filled group
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class FillConfig(CommandConfig):
+    """One fill. ``--token-file`` names the token: the config itself never holds a secret."""
+
+    servers: list[str] = field(default_factory=list, metadata=_help(
+        "teacher server base URL, e.g. http://127.0.0.1:8000 (repeat for several servers)"))
+    data: str = field(default="", metadata=_help("LLaVA JSON (or JSON lines) file"))
+    images: str | None = field(default=None, metadata=_help("image root the data's 'image' paths are relative to"))
+    template: str = field(default="", metadata=_help(
+        f"template the data is prepared with: {', '.join(TEMPLATE_NAMES)}"))
+    k: int = field(default=64, metadata=_help("top-k per position"))
+    out: str = field(default="", metadata=_help("cache root (local path or fsspec URL), e.g. cache/NAME"))
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the server's own)"))
+    vocab_limit: int | None = field(default=None, metadata=_help(
+        "targets over the first N ids only (default: the teacher's common vocabulary)"))
+    encoding: str = field(default=DEFAULT_VALUE_ENCODING, metadata=_help(
+        f"stored log-prob encoding: {', '.join(VALUE_ENCODINGS)}"))
+    batch_samples: int = field(default=16, metadata=_help("samples per request"))
+    concurrency: int = field(default=2, metadata=_help("requests in flight per server"))
+    segment_rows: int = field(default=1024, metadata=_help("samples per committed segment"))
+    retries: int = field(default=6, metadata=_help("attempts per request before giving up"))
+    backoff_s: float = field(default=0.5, metadata=_help("first back-off after a failed request (doubles)"))
+    max_backoff_s: float = field(default=30.0, metadata=_help("longest back-off between attempts"))
+    timeout_s: float = field(default=600.0, metadata=_help("seconds per request"))
+    wait_ready_s: float = field(default=120.0, metadata=_help("seconds to wait for the servers' /readyz at start"))
+    max_length: int = field(default=2048, metadata=_help("longest prepared sample in tokens"))
+    on_error: str = field(default="raise", metadata=_help("for samples that fail preparation: raise or skip"))
+    token_file: str | None = field(default=None, metadata=_help("file holding the servers' bearer token"))
+    progress: bool = field(default=True, metadata=_help("progress bar"))
+
+    def problems(self) -> list[str]:
+        p = []
+        urls = [u.rstrip("/") for u in self.servers]
+        if not urls:
+            p.append("give at least one --server URL")
+        if len(set(urls)) != len(urls):
+            p.append(f"--server lists a URL twice: {urls}")
+        p += [f"--server {u}: not an http:// or https:// URL" for u in urls
+              if not u.startswith(("http://", "https://"))]
+        if not self.data:
+            p.append("--data is required")
+        elif not Path(self.data).is_file():
+            p.append(f"--data {self.data} does not exist")
+        p += [f"--{n.replace('_', '-')} {v} is not a directory" for n, v in
+              (("images", self.images), ("tokenizer", self.tokenizer)) if v and not Path(v).is_dir()]
+        if self.token_file and not Path(self.token_file).is_file():
+            p.append(f"--token-file {self.token_file} does not exist")
+        if self.template not in TEMPLATE_NAMES:
+            p.append(f"--template {self.template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
+        if not self.out:
+            p.append("--out is required")
+        if self.encoding not in VALUE_ENCODINGS:
+            p.append(f"--encoding {self.encoding!r}: choose one of {', '.join(VALUE_ENCODINGS)}")
+        if self.on_error not in ON_ERROR:
+            p.append(f"--on-error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
+        for name in ("k", "batch_samples", "concurrency", "segment_rows", "retries", "max_length"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            p.append(f"--vocab-limit must be at least 1 (got {self.vocab_limit})")
+        if self.timeout_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0 or self.wait_ready_s < 0:
+            p.append("timeout_s must be positive and backoff_s, max_backoff_s, wait_ready_s not negative")
+        return p
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.retries, self.backoff_s, self.max_backoff_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# before sending: the servers must agree with each other and with the data
+
+
+def check_infos(infos: dict[str, Info], template: str, k: int) -> Info:
+    """All servers must run the same teacher; return the first info."""
+    urls = list(infos)
+    ref = infos[urls[0]]
+    for url in urls[1:]:
+        diffs = [f"{f}: {urls[0]} has {getattr(ref, f)!r}, {url} has {getattr(infos[url], f)!r}"
+                 for f in INFO_FIELDS_THAT_MUST_AGREE if getattr(infos[url], f) != getattr(ref, f)]
+        if diffs:
+            raise FillError("the servers do not run the same teacher, refusing to mix their targets:\n  "
+                            + "\n  ".join(diffs))
+    for url, info in infos.items():
+        if template not in info.supported_templates:
+            raise FillError(f"server {url} does not support template {template!r} "
+                            f"(supports {info.supported_templates})")
+        if not 1 <= k <= info.max_k:
+            raise FillError(f"--k {k} is out of range for server {url}: it allows 1..{info.max_k}")
+    return ref
+
+
+def load_tokenizer(cfg: FillConfig, server: TeacherClient, info: Info):
+    """--tokenizer DIR, or the server's own tokenizer files; either way its hash must match."""
+    from ckd_common.tokenizer import tokenizer_hash
+
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+        where = f"--tokenizer {cfg.tokenizer}"
+    else:
+        try:
+            tok = server.tokenizer()
+        except ClientError as e:
+            raise FillError(f"{e}; pass --tokenizer DIR instead") from None
+        where = f"the tokenizer of {server.url}"
+    h = tokenizer_hash(tok)
+    if h != info.tokenizer_hash:
+        raise FillError(f"{where} has hash {h}, but the teacher's tokenizer has {info.tokenizer_hash}: "
+                        f"samples prepared with it would not line up with the teacher's vocabulary")
+    return tok
+
+
+def ask_servers(cfg: FillConfig, urls: list[str], token: str | None) -> tuple[dict[str, Info], object]:
+    """Wait for every server, read and compare their /v1/info; return (infos, tokenizer)."""
+    clients = [TeacherClient(u, token) for u in urls]
+    try:
+        for c in clients:
+            c.wait_ready(cfg.wait_ready_s)
+        infos = {c.url: c.info() for c in clients}
+        info = check_infos(infos, cfg.template, cfg.k)
+        return infos, load_tokenizer(cfg, clients[0], info)
+    except Unauthorized as e:
+        raise FillError(f"{e}; pass --token-file") from None
+    except ClientError as e:
+        raise FillError(str(e)) from None
+    finally:
+        for c in clients:
+            c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole fill
+
+
+def fill(cfg: FillConfig) -> FillStats:
+    """Run one fill (ConfigError for an invalid config, FillError when it cannot go on)."""
+    from ckd_common.data import DataError, prepare_file
+
+    cfg.validate()
+    urls = [u.rstrip("/") for u in cfg.servers]
+    try:
+        token = read_token_file(cfg.token_file) if cfg.token_file else None
+    except ValueError as e:
+        raise FillError(str(e)) from None
+    stats = FillStats()
+    infos, tok = ask_servers(cfg, urls, token)
+    info = infos[urls[0]]
+
+    common = info.common_vocab_size
+    vocab_limit = common if cfg.vocab_limit is None else int(cfg.vocab_limit)
+    if not 1 <= vocab_limit <= common:
+        raise FillError(f"--vocab-limit {vocab_limit} must be in [1, {common}] (the teacher's common vocabulary)")
+    if cfg.k > vocab_limit:
+        raise FillError(f"--k {cfg.k} exceeds the vocabulary limit {vocab_limit}")
+    if "autocorr" not in info.target_kinds and cfg.template == PRETRAIN:
+        print(f"fill: note: engine {info.engine} produces no visual autocorrelation", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    try:
+        ds = prepare_file(cfg.data, tok, cfg.template, info.num_visual_tokens, info.image_token_id,
+                          cfg.images, max_length=cfg.max_length, on_error=cfg.on_error, progress=cfg.progress)
+    except DataError as e:
+        raise FillError(f"cannot prepare {cfg.data}: {e} (use --on-error skip to leave such samples out)") from None
+    stats.prepare_seconds = time.perf_counter() - t0
+    if not ds.samples:
+        raise FillError(f"{cfg.data}: no usable samples (skipped: {ds.skipped})")
+    for s in ds.samples:  # a tokenizer/model mismatch would otherwise surface as 422s mid-fill
+        if int(s.input_ids.max()) >= info.vocab_size:
+            raise FillError(f"sample {s.id}: token id {int(s.input_ids.max())} >= the teacher's vocabulary "
+                            f"{info.vocab_size}")
+
+    meta = CacheMeta.for_dataset(ds, teacher_fingerprint=info.teacher_fingerprint, tokenizer_hash=info.tokenizer_hash,
+                                 vocab_size=vocab_limit, k=cfg.k, vision_strategy=info.vision_strategy,
+                                 num_visual_tokens=info.num_visual_tokens, value_encoding=cfg.encoding,
+                                 image_aspect_ratio=info.image_aspect_ratio, target_kinds=info.target_kinds)
+    try:
+        group = open_group(cfg.out, meta=meta, create=True)
+        done = group.committed_keys()
+        group.storage.write_atomic(json.dumps({"config": type(cfg).__name__, **cfg.to_dict()}, indent=2).encode(),
+                                   group.name, CONFIG_FILE)
+    except CacheError as e:
+        raise FillError(f"cannot use the cache at {cfg.out}: {e}") from None
+    stats.group = group.name
+
+    unique: dict[str, object] = {}
+    for s in ds.samples:
+        unique.setdefault(s.key, s)
+    stats.samples = len(unique)
+    todo = [s for key, s in unique.items() if key not in done]
+    stats.already_committed = stats.samples - len(todo)
+    if not todo:
+        return stats
+    max_tokens = min(i.max_request_tokens for i in infos.values())
+    max_bytes = min(i.max_body_bytes for i in infos.values()) // 2
+    max_samples = min([cfg.batch_samples] + [i.max_request_samples for i in infos.values()])
+    chunks = make_chunks(todo, max_samples, max_tokens, max_bytes)
+
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=stats.samples, initial=stats.already_committed, unit="sample", desc=f"fill {group.name}",
+                   dynamic_ncols=True)
+    writer = group.writer(segment_rows=cfg.segment_rows)
+    try:
+        asyncio.run(stream_targets(chunks, urls, token=token, k=cfg.k, vocab_limit=vocab_limit, template=cfg.template,
+                                   concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retry=cfg.retry,
+                                   writer=writer, stats=stats, bar=bar))
+    finally:
+        if bar is not None:
+            bar.close()
+        stats.segments = [m.segment for m in writer.committed]
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: the one map of flags to FillConfig fields (help texts and defaults come from the fields)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_fill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    spec = {f.name: f for f in fields(FillConfig)}
+
+    def opt(flag: str, name: str, **kw) -> None:
+        f = spec[name]
+        if not kw.get("required"):
+            kw["default"] = f.default_factory() if callable(f.default_factory) else f.default
+        if "choices" not in kw:
+            kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+        p.add_argument(flag, dest=name, help=f.metadata["help"], **kw)
+
+    opt("--server", "servers", action="append", required=True, metavar="URL")
+    opt("--data", "data", required=True)
+    opt("--images", "images")
+    opt("--template", "template", required=True, choices=TEMPLATE_NAMES)
+    opt("--k", "k", type=int)
+    opt("--out", "out", required=True)
+    opt("--tokenizer", "tokenizer")
+    opt("--vocab-limit", "vocab_limit", type=int)
+    opt("--encoding", "encoding", choices=VALUE_ENCODINGS)
+    opt("--batch-samples", "batch_samples", type=int)
+    opt("--concurrency", "concurrency", type=int)
+    opt("--segment-rows", "segment_rows", type=int)
+    opt("--retries", "retries", type=int)
+    opt("--timeout", "timeout_s", type=float)
+    opt("--wait-ready", "wait_ready_s", type=float)
+    opt("--max-length", "max_length", type=int)
+    opt("--on-error", "on_error", choices=ON_ERROR)
+    opt("--token-file", "token_file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.formatter_class = _Formatter
+    return p
+
+
+def config_from_args(a: argparse.Namespace, quiet: bool = False) -> FillConfig:
+    kw = {f.name: getattr(a, f.name) for f in fields(FillConfig) if hasattr(a, f.name)}
+    cfg = FillConfig(**kw)
+    cfg.progress = cfg.progress and not quiet
+    return cfg
+
+
+def run_fill(a: argparse.Namespace, prog: str = "logit_cache fill", quiet: bool = False) -> int:
+    """Run from parsed arguments; prints the config and a summary line; exit code 0 / 1 / 130."""
+    stats = FillStats()
+    try:
+        cfg = config_from_args(a, quiet)
+        print(cfg.describe(), file=sys.stderr)
+        stats = fill(cfg)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted before sending; nothing new was written", file=sys.stderr)
+        return 130
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except FillError as e:
+        print(f"{prog}: {e}\nCommitted samples are kept; re-run the same command to resume.", file=sys.stderr)
+        return 1
+    rate = stats.written / stats.send_seconds if stats.send_seconds else 0.0
+    print(f"{prog}: group {stats.group}: {stats.written} written, {stats.already_committed} already "
+          f"committed, {stats.samples} in the dataset; {stats.requests} requests, {stats.retries} retries; "
+          f"{rate:.1f} samples/s" + (" (interrupted)" if stats.interrupted else ""), file=sys.stderr)
+    return 130 if stats.interrupted else 0
+
+
+def main(argv: list[str] | None = None, quiet: bool = False, prog: str = "logit_cache fill") -> int:
+    """``logit_cache fill ...`` / ``python -m deploy.fill ...``; ``quiet``: no progress bars."""
+    p = add_fill_arguments(argparse.ArgumentParser(prog=prog, description=__doc__))
+    return run_fill(p.parse_args(argv), prog, quiet)
+
+
+__all__ = ["FillConfig", "FillError", "FillStats", "fill", "check_infos", "add_fill_arguments", "config_from_args",
+           "run_fill", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from student_trainer.eval.cli import main
-
-sys.exit(main())
