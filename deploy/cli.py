@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ckd_common.cli import USER_ERRORS, add_common_commands
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C stops a ckd command even when it was started with SIGINT ignored, as every background job
+    # of a non-interactive shell is (Python then installs no KeyboardInterrupt handler of its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     from ckd_common.model import quiet_transformers
 
