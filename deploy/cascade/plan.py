@@ -11,15 +11,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from student_trainer.config import LLAVA_KD_STEPS, STEPS, TINYLLAVA_STEPS
 
-if TYPE_CHECKING:  # the config imports this module; the plan only reads its attributes
-    from deploy.cascade.config import CascadeConfig
-
 T = TypeVar("T")
 STUDENT = "student"  # how chains name the model the cascade trains
+
+
+class _TeacherSpec(Protocol):
+    name: str
+    model: str
+    devices: list[str]
+
+
+class PlanInput(Protocol):
+    """What the plan reads of a cascade config (deploy.cascade.config.CascadeConfig, which imports this
+    module: a Protocol, not an import, keeps the two free of a cycle)."""
+
+    run_dir: str
+    strategy: str
+    student: str
+    cache_root: str
+    teachers: list[_TeacherSpec]
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ class Strategy:
     description: str
     min_teachers: int
     uses: Callable[[Sequence], Sequence]          # the configured teachers (smallest first) it uses
-    stages: Callable[["CascadeConfig", dict[str, Teacher], Path], list[Stage]]
+    stages: Callable[[PlanInput, dict[str, Teacher], Path], list[Stage]]
 
     def teachers_used(self, teachers: Sequence[T]) -> list[T]:
         return list(self.uses(teachers))
@@ -118,7 +132,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 )}
 
 
-def plan(cfg: CascadeConfig) -> list[Stage]:
+def plan(cfg: PlanInput) -> list[Stage]:
     """The stages of ``cfg.strategy``, in the order they run."""
     run = Path(cfg.run_dir)
     teachers = {t.name: Teacher(t.name, t.model, tuple(t.devices), str(Path(cfg.cache_root) / t.name))
@@ -140,5 +154,5 @@ def chain(stages: Sequence[Stage]) -> str:
     return " ; ".join(" -> ".join(names) for _, names in chains) or "-"
 
 
-def teacher_chain(cfg: CascadeConfig) -> str:
+def teacher_chain(cfg: PlanInput) -> str:
     return chain(plan(cfg))

@@ -77,7 +77,10 @@ class Cascade:
             complete, todo = [], []
             for split, template in needs:
                 group = self.caches.complete_group(teacher, split, template)
-                (complete.append(group) if group is not None else todo.append((split, template)))
+                if group is not None:
+                    complete.append(group)
+                else:
+                    todo.append((split, template))
             if not todo:
                 for group in complete:
                     self.caches.check_teacher(teacher, group)  # fingerprinted once per run
