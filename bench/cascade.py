@@ -26,14 +26,14 @@ def main() -> None:
     from ckd_common.model import init_preset, quiet_transformers
     from ckd_common.synth import synthesize
     from deploy.cascade import CascadeConfig, run_cascade
+    from student_trainer.config import LLAVA_KD_STEPS
 
     quiet_transformers()
     root = Path(tempfile.mkdtemp(prefix="bench-cascade-"))
     synthesize(root / "data", seed=0, n_pretrain=args.n, n_instruct=args.n, n_eval=10)
     for p in ("tiny-student", "tiny-ta", "tiny-teacher"):
         init_preset(p, root / "models" / p)
-    steps = {s: {"lr": 1e-3, "global_batch": 8, "micro_batch": 8, "max_steps": args.max_steps}
-             for s in ("dpt", "sft", "dft")}
+    steps = {s: {"lr": 1e-3, "global_batch": 8, "micro_batch": 8, "max_steps": args.max_steps} for s in LLAVA_KD_STEPS}
 
     def run(name: str, strategy: str, teachers: list[str], overlap: bool) -> float:
         models = {"ta": "tiny-ta", "teacher": "tiny-teacher"}

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from ckd_common.cli import USER_ERRORS, add_common_commands
 from ckd_common.cli import run as run_common
@@ -33,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C stops a ckd command even when it was started with SIGINT ignored, as every background job
+    # of a non-interactive shell is (Python then installs no KeyboardInterrupt handler of its own)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     from ckd_common.model import quiet_transformers
 

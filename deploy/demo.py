@@ -20,19 +20,16 @@ import json
 import time
 from pathlib import Path
 
+from student_trainer.config import STEPS
+
 CATEGORIES = ("colour", "shape", "count", "position", "existence")
 # Tiny random models need a far larger learning rate than the recipe's 2e-5 for pretrained LLMs;
 # 1e-3 learns the synthetic task, 3e-3 was measured to diverge into answering the prior.
 TEACHER_STEPS = {"pt": {"lr": 1e-3, "global_batch": 16, "micro_batch": 16},
                  "ft": {"lr": 1e-3, "global_batch": 16, "micro_batch": 16, "epochs": 6}}
-STUDENT_STEPS = {s: {"lr": 1e-3, "global_batch": 16, "micro_batch": 16, "epochs": 1 if s in ("pt", "dpt") else 3}
-                 for s in ("pt", "ft", "dpt", "sft", "dft")}
-METHODS = (  # (label, strategy, teachers) — the rows of the table
-    ("TinyLLaVA (PT->FT)", "none", ()),
-    ("LLaVA-KD (single)", "single", ("teacher",)),
-    ("CKD bottom-up", "bottom-up", ("ta", "teacher")),
-    ("top-down", "top-down", ("ta", "teacher")),
-)
+STUDENT_STEPS = {name: {"lr": 1e-3, "global_batch": 16, "micro_batch": 16,
+                        "epochs": 1 if s.split == "pretrain" else 3} for name, s in STEPS.items()}
+DEMO_TEACHERS = ("ta", "teacher")  # smallest first; each strategy of the plan (a row of the table) uses its share
 
 
 def _cascade_config(work: Path, run: str, strategy: str, student: str, teachers: dict[str, str], steps: dict):
@@ -97,7 +94,7 @@ def _loss_curves(work: Path, runs: dict[str, list[Path]], out: Path) -> None:
 def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print) -> dict:
     from ckd_common.model import init_preset
     from ckd_common.synth import synthesize
-    from deploy.cascade import run_cascade, teacher_chain
+    from deploy.cascade import STRATEGIES, plan, run_cascade, teacher_chain
 
     work = Path(workdir).resolve()
     t0 = time.perf_counter()
@@ -116,21 +113,21 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print) -> dic
 
     rows, curves = [], {}
     teachers = {}
-    for name, preset in (("ta", "tiny-ta"), ("teacher", "tiny-teacher")):
+    for name, preset in zip(DEMO_TEACHERS, ("tiny-ta", "tiny-teacher")):
         stage(f"training the tiny {name} with the baseline recipe (PT -> FT)")
         cfg = _cascade_config(work, f"{name}-baseline", "none", f"models/{preset}", {}, TEACHER_STEPS)
         summary = run_cascade(cfg, log=quiet)
         teachers[name] = summary["final"]
         rows.append(_row(f"{name} (PT->FT)", "- (the teacher itself)", summary["eval"]))
 
-    for label, strategy, chain in METHODS:
-        stage(f"student: {label}")
-        cfg = _cascade_config(work, f"student-{strategy}", strategy, "models/tiny-student",
-                              {n: teachers[n] for n in chain}, STUDENT_STEPS)
+    for strategy in STRATEGIES.values():
+        stage(f"student: {strategy.method}")
+        cfg = _cascade_config(work, f"student-{strategy.name}", strategy.name, "models/tiny-student",
+                              {n: teachers[n] for n in strategy.teachers_used(DEMO_TEACHERS)}, STUDENT_STEPS)
         summary = run_cascade(cfg, log=quiet)
-        rows.append(_row(label, teacher_chain(cfg), summary["eval"]))
-        last = Path(summary["final"]).parent.parent
-        curves[label] = [last / s for s in (("pt", "ft") if strategy == "none" else ("dpt", "sft", "dft"))]
+        rows.append(_row(strategy.method, teacher_chain(cfg), summary["eval"]))
+        last = plan(cfg)[-1]
+        curves[strategy.method] = [last.step_out(s) for s in last.steps]
 
     png = work / "loss_curves.png"
     _loss_curves(work, curves, png)

@@ -26,6 +26,8 @@ PARTS = ("vision", "connector", "llm")  # the vision tower is frozen in every st
 class StepSpec:
     name: str
     description: str
+    recipe: str                   # the recipe the step belongs to: "tinyllava" or "llava-kd"
+    split: str                    # the data it reads: "pretrain" (captions) or "instruct" (SPLITS)
     template: str                 # ckd_common.templates name the data is prepared with
     trainable: tuple[str, ...]    # subset of PARTS
     uses_teacher: bool            # reads cached targets (KD terms) or CE only
@@ -33,67 +35,102 @@ class StepSpec:
     global_batch: int
 
 
+# In training order within each recipe: recipe_steps() reads the order from here.
 STEPS: dict[str, StepSpec] = {s.name: s for s in (
-    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "pretrain", ("connector",), False, 1e-3, 256),
-    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
-    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
-    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "pretrain", ("connector",), True, 1e-3, 256),
-    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "qwen2_base", ("connector", "llm"), True, 2e-5, 128),
+    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "tinyllava", "pretrain", "pretrain", ("connector",), False, 1e-3, 256),
+    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "tinyllava", "instruct", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "llava-kd", "pretrain", "pretrain", ("connector",), True, 1e-3, 256),
+    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "llava-kd", "instruct", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "llava-kd", "instruct", "qwen2_base", ("connector", "llm"), True, 2e-5, 128),
 )}
+SPLITS = ("pretrain", "instruct")
+
+
+def recipe_steps(recipe: str) -> tuple[str, ...]:
+    """The steps of a recipe, in training order."""
+    return tuple(s.name for s in STEPS.values() if s.recipe == recipe)
+
+
+TINYLLAVA_STEPS = recipe_steps("tinyllava")  # PT -> FT: the baseline, no teacher
+LLAVA_KD_STEPS = recipe_steps("llava-kd")    # DPT -> SFT -> DFT: one distillation stage (`distill --step all`)
 TRAIN_STEPS = ("pt", "ft", "sft")      # `student_trainer train`
 DISTILL_STEPS = ("dpt", "dft")         # `student_trainer distill` (+ 'all' = dpt -> sft -> dft)
 PRECISIONS = ("auto", "fp32", "bf16")
 ON_MISSING = ("error", "skip")
+
+# The command line's option groups (ckd_common.config.add_arguments); `train` has no TEACHER_GROUP.
+TEACHER_GROUP = "teacher"
+OPTION_GROUPS = {TEACHER_GROUP: "teacher cache (distill only)",
+                 "optimisation": "optimisation (defaults: the step's LLaVA-KD recipe)", "engine": "engine",
+                 "loss": "loss: alpha*ce + beta*kl_text + gamma*kl_vis + delta*rel", "data": "data",
+                 "checkpoints": "checkpoints and feedback"}
+
+
+def _opt(default=dataclasses.MISSING, **meta):
+    """A TrainConfig field and its command-line metadata (help, choices, group)."""
+    return field(default=default, metadata=meta)
+
+
+def _step_default(attr: str) -> str:
+    by_value: dict = {}
+    for s in STEPS.values():
+        by_value.setdefault(getattr(s, attr), []).append(s.name)
+    return "default: " + ", ".join(f"{'/'.join(names)} {v:g}" for v, names in by_value.items())
 
 
 @dataclass
 class TrainConfig(CommandConfig):
     """One training step. ``None`` fields take the step's recipe default in ``resolved()``."""
 
-    step: str
-    model: Path
-    data: Path
-    out: Path
-    images: Path | None = None
-    cache: str | None = None               # cache root (path or fsspec URL); DPT/DFT only
-    teacher_fingerprint: str | None = None  # optional extra check of the cache's teacher
+    step: str = _opt(choices=tuple(STEPS), help="; ".join(f"{s.name}: {s.description}" for s in STEPS.values()))
+    model: Path = _opt(help="student: an HF llava directory")
+    data: Path = _opt(help="LLaVA json / jsonl")
+    out: Path = _opt(help="run directory (checkpoints, final/, metrics, TensorBoard)")
+    images: Path | None = _opt(None, help="image root of the data's 'image' fields")
+    # the teacher's cached targets (DPT/DFT only: `student_trainer distill`)
+    cache: str | None = _opt(None, group=TEACHER_GROUP, help="logit cache root (path or fsspec URL); the group "
+                             "matching the data's fingerprint and template is picked")
+    teacher_fingerprint: str | None = _opt(None, group=TEACHER_GROUP,
+                                           help="also require the cache to come from this teacher")
+    on_missing: str = _opt("error", group=TEACHER_GROUP, choices=ON_MISSING,
+                           help="samples without cached targets: fail (default) or leave them out and count them")
     # optimisation (recipe defaults)
-    lr: float | None = None
-    global_batch: int | None = None
-    micro_batch: int = 4                    # per rank
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_length: int = 2048
-    seed: int = 0
+    lr: float | None = _opt(None, group="optimisation", help=_step_default("lr"))
+    global_batch: int | None = _opt(None, group="optimisation", help="samples per optimizer step over all ranks; "
+                                    + _step_default("global_batch"))
+    micro_batch: int = _opt(4, group="optimisation", help="samples per forward per rank")
+    epochs: float = _opt(1.0, group="optimisation")
+    max_steps: int | None = _opt(None, group="optimisation", help="stop after this many optimizer steps")
+    warmup_ratio: float = _opt(0.03, group="optimisation")
+    weight_decay: float = _opt(0.0, group="optimisation")
+    grad_clip: float = _opt(1.0, group="optimisation", help="0 = off")
+    adam_betas: tuple[float, float] = _opt((0.9, 0.999), group="optimisation", metavar=("B1", "B2"),
+                                           help="AdamW betas")
+    adam_eps: float = _opt(1e-8, group="optimisation", help="AdamW epsilon")
+    max_length: int = _opt(2048, group="optimisation")
+    seed: int = _opt(0, group="optimisation")
     # engine
-    zero_stage: int = 2
-    precision: str = "auto"                 # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
+    zero_stage: int = _opt(2, group="engine", choices=(0, 1, 2, 3))
+    precision: str = _opt("auto", group="engine", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = _opt(False, group="engine", help="recompute LLM activations in the backward")
     # loss (alpha ce, beta kl_text, gamma kl_vis, delta rel); None -> 1 with a teacher, 0 without
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    delta: float | None = None
-    rel_variant: str = "flat"
-    chunk_size: int = 256
+    alpha: float | None = _opt(None, group="loss", help="default 1 (always)")
+    beta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
+    gamma: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
+    delta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
+    rel_variant: str = _opt("flat", group="loss", choices=REL_VARIANTS)
+    chunk_size: int = _opt(256, group="loss", help="positions per fused lm_head chunk")
     # data
-    group_by_length: bool = True
-    num_workers: int = 2
-    prefetch: int = 4
-    on_missing: str = "error"
-    data_on_error: str = "raise"           # bad records: raise or skip at preparation
+    group_by_length: bool = _opt(True, group="data", help="micro-batches of similar length")
+    num_workers: int = _opt(2, group="data", help="prefetching loader workers")
+    prefetch: int = _opt(4, group="data", help="micro-batches prefetched per worker")
+    data_on_error: str = _opt("raise", group="data", choices=("raise", "skip"), help="bad records at preparation")
     # checkpoints and feedback
-    save_every: int = 0                     # steps; 0 = final only
-    keep_last: int = 2
-    resume: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-    step_delay: float = 0.0                 # test hook: sleep after each step (to SIGKILL mid-run)
+    save_every: int = _opt(0, group="checkpoints", help="periodic checkpoint every N steps (0: final only)")
+    keep_last: int = _opt(2, group="checkpoints")
+    resume: bool = _opt(False, group="checkpoints", help="continue from the newest checkpoint in --out")
+    progress: bool = _opt(True, group="checkpoints", help="progress bar")
+    tensorboard: bool = _opt(True, group="checkpoints", help="TensorBoard scalars under OUT/tb")
 
     # -- resolution ----------------------------------------------------------------------------
     @property
@@ -221,8 +258,7 @@ class TrainConfig(CommandConfig):
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # fields that may differ between a run and its --resume (everything else must match)
-    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "step_delay",
-                   "save_every", "keep_last")
+    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "save_every", "keep_last")
 
     def resume_differences(self, saved: "TrainConfig") -> list[str]:
         a, b = self.to_dict(), saved.to_dict()
@@ -231,4 +267,4 @@ class TrainConfig(CommandConfig):
 
 
 __all__ = ["STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS", "DISTILL_STEPS",
-           "PARTS"]
+           "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS", "LLAVA_KD_STEPS"]

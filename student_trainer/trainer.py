@@ -308,8 +308,6 @@ def train(cfg: TrainConfig) -> RunResult:
                 ckpt.save_checkpoint(engine, vlm, tok, out, ckpt.checkpoint_name(done), template=spec.template,
                                      zero_stage=cfg.zero_stage, state=state(done), config=cfg)
                 ckpt.prune(out, cfg.keep_last)
-            if cfg.step_delay:
-                time.sleep(cfg.step_delay)
     finally:
         feedback.close()
         del it

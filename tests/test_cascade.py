@@ -1,9 +1,11 @@
-"""`ckd cascade`: config validation, and real cascades on tiny models (servers, fills, DeepSpeed
-trainer and eval all started as child processes)."""
+"""`ckd cascade`: config validation, the plan, and real cascades on tiny models (servers, fills,
+DeepSpeed trainer and eval all started as child processes). Each test asks for the runs it needs
+through module fixtures, so any selection (-k) or order runs them."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckd_common.config import ConfigError
-from deploy.cascade import CascadeConfig, plan
+from ckd_common.config import ConfigError, from_args, to_argv
+from deploy.cascade import STRATEGIES, CascadeConfig, CascadeError, plan, teacher_chain
+from proctree import alive, descendants
 
 STEPS = {s: {"lr": 1.0e-3, "global_batch": 8, "micro_batch": 4, "max_steps": 2}
          for s in ("pt", "ft", "dpt", "sft", "dft")}
@@ -57,6 +60,10 @@ def _events(env: Path, run: str) -> list[dict]:
     return json.loads((env / "runs" / run / "timeline.json").read_text())
 
 
+# ---------------------------------------------------------------------------------------------
+# config and plan (no process started)
+
+
 def test_invalid_config_lists_every_problem_before_starting(env, tmp_path):
     other = tmp_path / "other-tok"
     from ckd_common.model import init_preset
@@ -87,6 +94,53 @@ def test_invalid_config_lists_every_problem_before_starting(env, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_trainer_options_are_checked_when_the_config_is_validated(env):
+    """Per-step overrides are TrainConfig fields: a misspelt or renamed option, a value of the wrong type
+    or one the trainer would refuse fails validation, naming the option — not a trainer mid-run."""
+    def problems(steps: dict, strategy="bottom-up") -> str:
+        raw = yaml.safe_load(_config(env, "opts", strategy).read_text())
+        raw["train"]["steps"] = steps
+        with pytest.raises(ConfigError) as e:
+            CascadeConfig.from_dict(raw, base=env).validate()
+        return str(e.value)
+
+    msg = problems({"dpt": {"micro_batchs": 4}, "sft": {"lr": "fast", "on_missing": "skip"}, "dft": {"model": "x"},
+                    "xft": {}})
+    assert "train.steps.dpt.micro_batchs is not an option of the trainer; options are " in msg
+    assert ", micro_batch, " in msg.split("micro_batchs", 1)[1]  # the valid ones are listed
+    assert "train.steps.sft.lr: 'fast' is not float" in msg
+    assert "train.steps.sft.on_missing: step sft reads no teacher cache" in msg
+    assert "train.steps.dft.model is set by the cascade" in msg
+    assert "train.steps: unknown step 'xft'; steps are pt, ft, dpt, sft, dft" in msg
+    # the trainer's own validation of every planned step, before anything starts
+    msg = problems({"dpt": {"global_batch": 6, "micro_batch": 4}, "sft": {"beta": 1.0}})
+    assert "train.steps.dpt: global_batch 6 must be a multiple of micro_batch 4" in msg
+    assert "train.steps.sft: beta=1.0: step sft has no teacher" in msg
+    # how many teachers a strategy needs comes from the plan's table
+    raw = yaml.safe_load(_config(env, "opts", "top-down", teachers=("teacher",)).read_text())
+    with pytest.raises(ConfigError, match=f"needs at least {STRATEGIES['top-down'].min_teachers} teacher"):
+        CascadeConfig.from_dict(raw, base=env).validate()
+
+
+def test_the_trainer_command_line_is_its_typed_config(env):
+    """What the cascade starts parses, with the trainer's own parser, back to the TrainConfig it built."""
+    from student_trainer.cli import _parser
+    from student_trainer.config import STEPS as TABLE
+    from student_trainer.config import TrainConfig
+
+    raw = yaml.safe_load(_config(env, "argv", "bottom-up").read_text())
+    raw["train"]["steps"]["dft"] = {"lr": "1e-3", "adam_betas": [0.8, 0.99], "group_by_length": False,
+                                    "on_missing": "skip"}
+    cfg = CascadeConfig.from_dict(raw, base=env).validate()
+    for stage in plan(cfg):
+        for step in stage.steps:
+            tc = cfg.train_config(step, stage.student_in, stage.step_out(step), stage.teacher.cache_root, resume=True)
+            command = "distill" if TABLE[step].uses_teacher else "train"
+            assert from_args(TrainConfig, _parser().parse_args([command, *to_argv(tc)])) == tc
+            assert tc.data == Path(cfg.data_of(TABLE[step].split)) and not tc.progress and tc.zero_stage == 1
+    assert (tc.lr, tc.adam_betas, tc.group_by_length, tc.on_missing) == (1e-3, (0.8, 0.99), False, "skip")
+
+
 def test_plans_for_each_strategy(env):
     def ids(strategy):
         return [(s.id, s.teacher.name if s.teacher else None, s.steps)
@@ -99,13 +153,35 @@ def test_plans_for_each_strategy(env):
                                               ("td2-ta-distilled-to-student", "ta-distilled")]
     td = plan(CascadeConfig.from_yaml(_config(env, "p", "top-down")))
     assert td[1].teacher.model == td[0].final  # the distilled TA serves the student
+    assert td[0].cache_needs == (("pretrain", "pretrain"), ("instruct", "qwen2_base"))  # DPT's and DFT's data
+    chains = {s: teacher_chain(CascadeConfig.from_yaml(_config(env, "p", s))) for s in STRATEGIES}
+    assert chains == {"none": "-", "single": "teacher -> student", "bottom-up": "ta -> student ; teacher -> student",
+                      "top-down": "teacher -> ta -> student"}
+
+
+# ---------------------------------------------------------------------------------------------
+# real cascades (shared by the tests below: each fixture runs once per module, on demand)
+
+
+@pytest.fixture(scope="module")
+def bottom_up_run(env):
+    """The bottom-up cascade: fills the TA's and the Teacher's caches under cache/."""
+    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, _events(env, "bu")
+
+
+@pytest.fixture(scope="module")
+def single_run(env, bottom_up_run):
+    """A single-teacher cascade after the bottom-up one: the Teacher's cache is already complete."""
+    r = _ckd("cascade", str(_config(env, "single", "single", teachers=("teacher",))), cwd=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, _events(env, "single")
 
 
 @pytest.mark.integration
-def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env):
-    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ev = _events(env, "bu")
+def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
+    _, ev = bottom_up_run
     jobs = [e["job"] for e in ev]
     assert jobs[0] == "fill:ta" and "fill:teacher" in jobs
     assert [j for j in jobs if j.startswith("train")] == [
@@ -131,40 +207,58 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env):
 
 
 @pytest.mark.integration
-def test_second_cascade_reuses_the_teacher_cache(env):
-    if not (env / "runs" / "bu" / "summary.json").is_file():
-        pytest.skip("needs the bottom-up cascade of the previous test")
-    r = _ckd("cascade", str(_config(env, "single", "single", teachers=("teacher",))), cwd=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    fills = [e for e in _events(env, "single") if e["kind"] == "fill"]
+def test_second_cascade_reuses_the_teacher_cache(env, single_run):
+    _, events = single_run
+    fills = [e for e in events if e["kind"] == "fill"]
     assert fills == [fills[0]] and fills[0]["status"] == "reused"
     assert not list((env / "runs" / "single" / "logs").glob("server-*.log"))  # no server started
 
 
-def _children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,pgid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()
-            if "student_trainer" in line or "teacher_server" in line or "logit_cache" in line]
+@pytest.mark.integration
+def test_cache_check_fingerprints_each_teacher_once_and_still_sees_a_changed_one(env, bottom_up_run, tmp_path):
+    from ckd_common.model import init_preset
+    from deploy.cascade.caches import CacheCheck
+    from deploy.cascade.plan import Teacher
+
+    cfg = CascadeConfig.from_yaml(_config(env, "bu", "bottom-up"))
+    model = tmp_path / "teacher"
+    shutil.copytree(env / "models" / "tiny-teacher", model)
+    teacher = Teacher("teacher", str(model), ("cpu:0",), str(env / "cache" / "teacher"))
+    check = CacheCheck(cfg.data_of, cfg.images)
+    needs = plan(cfg)[-1].cache_needs
+    assert all(check.complete(teacher, split, template) for split, template in needs)
+    assert all(check.complete(teacher, split, template) for split, template in needs)
+    assert check.fingerprints_computed == 1  # not once per split, not once per question
+    init_preset("tiny-teacher", model, seed=7)  # the same directory now holds another teacher
+    with pytest.raises(CascadeError, match="holds targets of a different 'teacher'"):
+        check.complete(teacher, *needs[0])
+    assert check.fingerprints_computed == 2
 
 
 @pytest.mark.integration
-def test_interrupted_cascade_resumes_to_the_same_result(env):
-    if not (env / "runs" / "single" / "summary.json").is_file():
-        pytest.skip("needs the single-teacher cascade of the previous test")
+def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
     cfg = _config(env, "single-int", "single", teachers=("teacher",))
+    # started with SIGINT ignored, as every background job of a non-interactive shell is (`make test &`,
+    # CI runners): the cascade must install its own handler, Python's default would not be there
     p = subprocess.Popen([sys.executable, "-m", "deploy", "cascade", str(cfg)], cwd=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    log = env / "runs" / "single-int" / "logs" / "kd-teacher-sft.log"
-    deadline = time.time() + 600
-    while not log.is_file() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert p.poll() is None, p.stdout.read()
-    os.kill(p.pid, signal.SIGINT)
-    out, _ = p.communicate(timeout=120)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        log = env / "runs" / "single-int" / "logs" / "kd-teacher-sft.log"
+        deadline = time.monotonic() + 600
+        while not log.is_file() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert p.poll() is None, p.stdout.read()
+        running = descendants(p.pid)  # the SFT trainer (and whatever it started)
+        os.kill(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     assert p.returncode == 130, out[-3000:]
     assert "re-run the command to resume" in out
-    time.sleep(0.5)
-    assert _children_of(p.pid) == []  # no server, fill or trainer outlives the command
+    assert running and alive(running) == []  # no server, fill or trainer outlives the command
     assert not (env / "runs" / "single-int" / "stages" / "kd-teacher" / "dft").exists()
 
     r = _ckd("cascade", str(cfg), cwd=env, timeout=900)

@@ -60,17 +60,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_models, synth_dir
     assert main(_args(tiny_models, synth_dir, cache, ref, "--max-steps", "8", "--num-workers", "2")) == 0
 
     out = tmp_path / "killed"
-    argv = _args(tiny_models, synth_dir, cache, out, "--max-steps", "8", "--num-workers", "2", "--save-every", "3",
-                 "--step-delay", "0.5")
-    proc = subprocess.Popen([sys.executable, "-m", "student_trainer", *argv], env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = _args(tiny_models, synth_dir, cache, out, "--max-steps", "8", "--num-workers", "2", "--save-every", "3")
+    # killed one step past the checkpoint at 3: the run pauses there (tests/trainer_pause.py) until the kill
+    paused = tmp_path / "paused-after-step-4"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("trainer_pause.py")), "4", str(paused),
+                             *argv], env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     marker = out / "checkpoint-000003" / "trainer_state.json"
     deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    while not paused.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
-    assert marker.exists(), err.decode()[-3000:]
+    assert paused.exists() and marker.exists(), err.decode()[-3000:]
     assert not (out / "final").exists(), "the run finished before it was killed"
     killed_at = len(_metrics(out))
     assert 3 <= killed_at < 8
