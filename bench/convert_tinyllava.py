@@ -7,7 +7,7 @@ model's logits (fp32, 728 visual tokens) are compared with TinyLLaVA's forward w
 the source weights (tests/tinyllava_layouts.py).
 
 Memory-heavy (~10 GiB at the high point of the check): run under the shared lock,
-``flock /work/locks/heavy .venv/bin/python bench/convert_tinyllava.py``. Needs the vendored
+``.venv/bin/python bench/convert_tinyllava.py``. Needs the vendored
 tokenizer (tests/fixtures/qwen2-tokenizer). Last line: ``RESULT key=value ...``.
 
 Measured 2026-12-01 on the shared 2-core / 24 GiB CPU box (924M parameters, 1.73 GiB bf16 source):
@@ -36,7 +36,8 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from bench._procmem import status_kib
-from ckd_common.model import convert_tinyllava, quiet_transformers
+from ckd_common.model import quiet_transformers
+from ckd_common.tinyllava import convert_tinyllava
 quiet_transformers()
 t0 = time.perf_counter()
 report = convert_tinyllava(sys.argv[1], sys.argv[2])

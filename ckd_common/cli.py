@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
             out = M.init_preset(args.preset, args.out, args.strategy, args.seed, args.image_aspect_ratio, args.template)
             print(f"wrote {out}")
         elif args.cmd == "convert":
-            print(M.convert_tinyllava(args.tinyllava, args.out, template=args.template, progress=True))
+            from ckd_common.tinyllava import convert_tinyllava
+
+            print(convert_tinyllava(args.tinyllava, args.out, template=args.template, progress=True))
         elif args.cmd == "compose":
             out = M.compose_vlm(args.vision, args.llm, args.out, args.strategy, args.seed, args.image_aspect_ratio,
                                 args.template)

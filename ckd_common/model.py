@@ -279,14 +279,6 @@ def lm_head_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
-def convert_tinyllava(src: str | Path, dst: str | Path, template: str | None = None, progress: bool = False):
-    """Convert a TinyLLaVA-Factory checkpoint (any layout it writes) into the HF llava layout in
-    ``dst``; see ``ckd_common.tinyllava``. Returns the conversion report."""
-    from ckd_common.tinyllava import convert
-
-    return convert(src, dst, template=template, progress=progress)
-
-
 def compose_vlm(vision_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, strategy: str = "full",
                 seed: int = 0, aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = QWEN2_BASE):
     """A student to start DPT from: a SigLIP vision tower + a Qwen2 LLM + a fresh random connector."""

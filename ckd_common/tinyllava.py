@@ -334,8 +334,8 @@ def _common_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
     return torch.float32  # mixed (e.g. an fp32 vision tower next to a bf16 LLM): lossless
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, template: str | None = None,
-            progress: bool = False) -> ConversionReport:
+def convert_tinyllava(src: str | os.PathLike, dst: str | os.PathLike, template: str | None = None,
+                      progress: bool = False) -> ConversionReport:
     """Convert the TinyLLaVA-Factory checkpoint ``src`` into an HF llava directory ``dst`` (written
     atomically: a temporary sibling renamed at the end). ``template`` (default ``qwen2_base``, what
     TinyLLaVA's Qwen2 finetune stage and its released models use) becomes the chat template."""

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ckd_common.cli import main as ckd_main
-from ckd_common.model import ModelLoadError, convert_tinyllava, load_vlm, model_info
+from ckd_common.model import ModelLoadError, load_vlm, model_info
+from ckd_common.tinyllava import convert_tinyllava
 from tests.tinyllava_layouts import make_source, reference_logits, write_finetune, write_pretrain
 
 IMAGE_POS = 3
