@@ -2,7 +2,7 @@
 
 Input: the LLaVA JSON format (a list of ``{"id", "image"?, "conversations": [{"from": "human"|"gpt",
 "value"}...]}``, or JSON lines) with an image root. Output: :class:`PreparedSample` s that every
-model sharing a tokenizer, template and visual-token count sees identically (DESIGN.md §3).
+model sharing a tokenizer, template and visual-token count sees identically (docs/design.md §3).
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def expand_to_square(image, fill: tuple[int, int, int] = PAD_COLOUR):
 
 
 def preprocess_image(image, size: int, aspect_ratio: str) -> np.ndarray:
-    """The model's image preprocessing (DESIGN.md §2) -> [3, size, size] float32: for
+    """The model's image preprocessing (docs/design.md §2) -> [3, size, size] float32: for
     ``aspect_ratio='pad'`` first :func:`expand_to_square`, then (both modes) SigLIP's bicubic
     resize to ``size``², /255, (x - 0.5) / 0.5. The one implementation the server, the trainer and
     eval call (with the model's ``ModelInfo.image_aspect_ratio``); the saved image processor

@@ -1,4 +1,4 @@
-"""Sample keys and content hashes (DESIGN.md §3).
+"""Sample keys and content hashes (docs/design.md §3).
 
 A sample's key is a content hash of (template name, token ids, image content hash, visual token
 count). The server, the cache and the trainer all call :func:`sample_key`, so a target is found

@@ -1,5 +1,5 @@
 """The VLM: stock transformers ``LlavaForConditionalGeneration`` = SigLIP vision tower (features
-from layer -2) + mlp2x_gelu connector + Qwen2 LLM (DESIGN.md §2).
+from layer -2) + mlp2x_gelu connector + Qwen2 LLM (docs/design.md §2).
 
 Loading is offline from local directories only:
 - an HF llava directory (``load_vlm``);
@@ -37,7 +37,7 @@ HF_TO_STRATEGY = {v: k for k, v in STRATEGY_TO_HF.items()}
 IMAGE_ASPECT_RATIOS = ("square", "pad")
 DEFAULT_ASPECT_RATIO = "square"  # what every checkpoint without the field was trained with here
 TEMPLATE_CONFIG_KEY = "ckd_template"  # config.json: the conversation template the model was trained with
-# SigLIP's processor constants (DESIGN.md §2): 0.5 mean/std, bicubic; the pad colour is int(0.5*255).
+# SigLIP's processor constants (docs/design.md §2): 0.5 mean/std, bicubic; the pad colour is int(0.5*255).
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -313,7 +313,7 @@ def compose_vlm(vision_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What server, cache and trainer must agree on about a model (DESIGN.md §2-§3)."""
+    """What server, cache and trainer must agree on about a model (docs/design.md §2-§3)."""
 
     fingerprint: str
     tokenizer_hash: str
@@ -328,7 +328,7 @@ class ModelInfo:
 
     @property
     def common_vocab(self) -> int:
-        """Ids a distillation target may hold: [0, min(lm_head rows, real tokens)) (DESIGN §2).
+        """Ids a distillation target may hold: [0, min(lm_head rows, real tokens)) (docs/design.md §2).
 
         The one owner of this rule: servers, fills, caches and the trainer all read it here."""
         return min(self.vocab_size, self.tokenizer_vocab_size)

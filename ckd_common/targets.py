@@ -1,5 +1,5 @@
 """Teacher targets for one sample: the unit that the server produces, the cache stores and the
-trainer consumes (DESIGN.md §3-§4). Plain numpy so it crosses process and HTTP boundaries."""
+trainer consumes (docs/design.md §3-§4). Plain numpy so it crosses process and HTTP boundaries."""
 from __future__ import annotations
 
 from dataclasses import dataclass

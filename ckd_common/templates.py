@@ -1,4 +1,4 @@
-"""Conversation templates, label masking and the matching HF chat templates (DESIGN.md §3,
+"""Conversation templates, label masking and the matching HF chat templates (docs/design.md §3,
 docs/templates.md).
 
 Two templates, string- and mask-identical to the reference implementations (TinyLLaVA-Factory's

@@ -2,7 +2,7 @@
 
 Both the server (teacher_server) and its client (teacher_server.client, used by deploy.fill) use
 this module, which is why it lives in ckd_common, next to the JSON models (ckd_common.protocol).
-Arrays travel as raw little-endian bytes, never as JSON lists of floats (ENVIRONMENT.md: ~100x
+Arrays travel as raw little-endian bytes, never as JSON lists of floats (docs/environment.md: ~100x
 faster).
 
 Frame (every integer little-endian)::

@@ -1,6 +1,11 @@
-"""deploy: the top layer (orchestration) — the ``ckd`` command (models, data, fill, cascade, demo),
-the fill that joins teacher servers to a cache (``fill.py``; also run as ``logit_cache fill``), the
-cascade, and the recipes for launching teacher servers and trainers on split GPUs, one machine or many.
+"""deploy: the top layer (orchestration). It imports every other package; nothing imports it.
 
-Run: ``ckd --help``; the embedded demo: ``make demo`` (= ``python -m deploy.demo``). See README.md.
+- ``cli.py``: the ``ckd`` umbrella command (model, data, fill, cascade, demo);
+- ``fill.py`` + ``fill_pipeline.py``: teacher servers -> a logit cache (also run as ``logit_cache fill``);
+- ``cascade/``: bottom-up / top-down / single / none cascades as child processes (config, plan,
+  supervision, run);
+- ``demo.py``: the embedded default run (``make demo``);
+- ``recipes/``: launching servers and trainers on split GPUs, one machine or many, Slurm, systemd.
+
+See deploy/README.md.
 """

@@ -34,7 +34,7 @@ from .meta import ATTR_KEY, FORMAT_VERSION, SUPPORTED_VERSIONS, CacheMeta, group
 SEGMENTS = "segments"
 MANIFESTS = "manifests"
 KEY_BYTES = KEY_HEX_CHARS // 2
-DEFAULT_CHUNK_ROWS = 2048          # position rows per chunk (ENVIRONMENT.md + bench/cache_io.py)
+DEFAULT_CHUNK_ROWS = 2048          # position rows per chunk (docs/environment.md + bench/cache_io.py)
 DEFAULT_AUTOCORR_CHUNK = 1 << 18   # max autocorr values per chunk (512 KiB of fp16); Nv=576 -> 166,176 per sample
 
 

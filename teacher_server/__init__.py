@@ -1,6 +1,6 @@
 """teacher_server: holds one teacher VLM on its device(s) and turns prepared samples into
 distillation targets over HTTP — top-k log-probs + tail mass at the response positions and the
-visual span, and the normalised visual autocorrelation (DESIGN.md §4) — for the fill
+visual span, and the normalised visual autocorrelation (docs/design.md §4) — for the fill
 (``logit_cache fill`` / ``ckd fill``, deploy/fill.py), which talks to it through ``client``.
 
 Run: ``teacher_server serve --model DIR --device cuda:0 [--dtype bf16] [--port 8000]

@@ -1,4 +1,4 @@
-"""Golden tests of the two templates (DESIGN.md §3): exact tokens and labels for a fixed tokenizer."""
+"""Golden tests of the two templates (docs/design.md §3): exact tokens and labels for a fixed tokenizer."""
 import pytest
 from transformers import PreTrainedTokenizerFast
 

@@ -1,5 +1,5 @@
 """Optional vLLM engine (``pip install llava-ckd[vllm]``; GPU only; NOT tested in CI — there is no
-CPU build of vllm, see ENVIRONMENT.md). Imported only when ``--engine vllm`` is chosen.
+CPU build of vllm, see docs/environment.md). Imported only when ``--engine vllm`` is chosen.
 
 What it does: one prefill per sample through ``LLM.generate(..., SamplingParams(max_tokens=1,
 prompt_logprobs=k, logprobs=k))``; vLLM's prompt log-prob entry t is the distribution over token t

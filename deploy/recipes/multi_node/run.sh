@@ -3,8 +3,8 @@
 # on shared storage (NFS/Lustre path or an s3:// URL); then DeepSpeed trains across the hostfile.
 # Each replica is an independent `teacher_server serve`; the fill spreads samples over all of them
 # and every writer commits its own segments, so replicas never contend for a cache file.
-#   SERVERS="http://tnode1:8000 http://tnode1:8001 http://tnode2:8000" CACHE=/shared/cache/7b \
-#   STUDENT=/shared/models/student DATA=/shared/data bash deploy/recipes/multi_node/run.sh
+#   SERVERS="http://tnode1:8000 http://tnode1:8001 http://tnode2:8000" CACHE=/mnt/nfs/cache/7b \
+#   STUDENT=/mnt/nfs/models/student DATA=/mnt/nfs/data bash deploy/recipes/multi_node/run.sh
 set -euo pipefail
 : "${SERVERS:?space-separated teacher server URLs}" "${CACHE:?}" "${STUDENT:?}" "${DATA:?}"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,4 +14,4 @@ logit_cache fill "${args[@]}" --data "$DATA/instruct.json" --images "$DATA/image
 logit_cache verify "$CACHE"
 deepspeed --hostfile "$here/hostfile" --module student_trainer.cli distill --cache "$CACHE" --step all \
     --model "$STUDENT" --pretrain-data "$DATA/pretrain.json" --instruct-data "$DATA/instruct.json" \
-    --images "$DATA/images" --out "${OUT:-/shared/runs/multi-node}" --zero-stage "${ZERO:-3}"
+    --images "$DATA/images" --out "${OUT:-/mnt/nfs/runs/multi-node}" --zero-stage "${ZERO:-3}"
