@@ -137,6 +137,13 @@ def load_image(path: Path, sid: str):
 PAD_COLOUR = (127, 127, 127)
 
 
+# The largest image (width x height, read from the file header before decoding) anything of ours
+# decodes: data preparation, the teacher server and the loaders. 32 Mpx is ~5,800 x 5,800, far above
+# what a 384-px model needs, and it bounds a decompression bomb's memory (RGB: 96 MiB). The one
+# owner of the limit; a server may lower it and reports its own in /v1/info.
+MAX_IMAGE_PIXELS = 1 << 25
+
+
 def expand_to_square(image, fill: tuple[int, int, int] = PAD_COLOUR):
     """LLaVA-1.5 / TinyLLaVA ``expand2square``: the image centred on a square canvas of its longer
     side (offset ``(long - short) // 2``), the rest filled with ``fill``."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd_common.data import preprocess_image
+from ckd_common.data import MAX_IMAGE_PIXELS, preprocess_image
 from ckd_common.keys import image_hash, sample_key
 from ckd_common.protocol import Info
 from ckd_common.teacher import TeacherInput
@@ -29,7 +29,6 @@ from .metrics import Metrics
 log = logging.getLogger("teacher_server")
 # Decoded RGB costs 3 bytes per pixel; a small compressed file can claim a huge canvas. Real VLM
 # inputs are a few megapixels at most.
-MAX_IMAGE_PIXELS = 1 << 25
 
 
 def _describe(i: int, s: WireSample) -> str:

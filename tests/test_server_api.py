@@ -148,7 +148,7 @@ def test_bad_inputs_name_sample_and_problem(client, info, samples):
 
     from PIL import Image
 
-    from teacher_server.service import MAX_IMAGE_PIXELS
+    from ckd_common.data import MAX_IMAGE_PIXELS
 
     side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
     bomb = io.BytesIO()
