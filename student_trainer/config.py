@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ckd_common.config import CommandConfig, ConfigError, path_problems
 from ckd_common.kd.weights import REL_VARIANTS, KDWeights
+from ckd_common.templates import PRETRAIN, QWEN2_BASE
 
 CONFIG_FILE = "student_trainer.json"
 PARTS = ("vision", "connector", "llm")  # the vision tower is frozen in every step
@@ -37,11 +38,11 @@ class StepSpec:
 
 # In training order within each recipe: recipe_steps() reads the order from here.
 STEPS: dict[str, StepSpec] = {s.name: s for s in (
-    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "tinyllava", "pretrain", "pretrain", ("connector",), False, 1e-3, 256),
-    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "tinyllava", "instruct", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
-    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "llava-kd", "pretrain", "pretrain", ("connector",), True, 1e-3, 256),
-    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "llava-kd", "instruct", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
-    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "llava-kd", "instruct", "qwen2_base", ("connector", "llm"), True, 2e-5, 128),
+    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "tinyllava", "pretrain", PRETRAIN, ("connector",), False, 1e-3, 256),
+    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "tinyllava", "instruct", QWEN2_BASE, ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "llava-kd", "pretrain", PRETRAIN, ("connector",), True, 1e-3, 256),
+    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "llava-kd", "instruct", QWEN2_BASE, ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "llava-kd", "instruct", QWEN2_BASE, ("connector", "llm"), True, 2e-5, 128),
 )}
 SPLITS = ("pretrain", "instruct")
 
