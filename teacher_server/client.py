@@ -31,9 +31,10 @@ from ckd_common.protocol import Info, Ready
 from ckd_common.wire import (CONTENT_TYPE_REQUEST, TargetsRequest, TargetsResponse, WireError, decode_response,
                              encode_request)
 
-# 429/5xx: overloaded, loading, shutting down or a failed batch: another attempt (maybe on another
-# replica) can succeed. Every other 4xx names a problem of the request itself: final.
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# 408/429/5xx: a slow upload, overloaded, loading, shutting down or a failed sample: another
+# attempt (maybe on another replica) can succeed. Every other 4xx names a problem of the request
+# itself: final.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class ClientError(RuntimeError):
@@ -54,7 +55,7 @@ class NotReady(ClientError):
 
 
 class RetryableError(ClientError):
-    """Worth another attempt: a transport error (refused, reset, timeout) or HTTP 429/5xx."""
+    """Worth another attempt: a transport error (refused, reset, timeout) or HTTP 408/429/5xx."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, status)
@@ -105,8 +106,28 @@ def _raise_for_targets(r: httpx.Response, url: str) -> None:
     raise ClientError(detail, r.status_code)
 
 
-def _transport(e: httpx.TransportError, url: str) -> RetryableError:
-    return RetryableError(f"{type(e).__name__} talking to {url}: {e}")
+def base_url(url: str) -> str:
+    """``url`` without a trailing slash; ClientError unless it is an http(s) URL with a host."""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise ClientError(f"{url!r} is not a URL ({e}); use e.g. http://127.0.0.1:8000") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise ClientError(f"{url!r} is not an http(s) URL of a teacher server; use e.g. http://127.0.0.1:8000")
+    return url.rstrip("/")
+
+
+def _transport(e: httpx.RequestError, url: str, what: str) -> RetryableError:
+    """Any failure without an HTTP answer (refused, reset, timed out, broken response) as one line:
+    the server, the request, what happened and what to do."""
+    reason = str(e) or type(e).__name__
+    if isinstance(e, httpx.ConnectError):
+        hint = "is the server running (teacher_server serve ...) and is the URL right?"
+    elif isinstance(e, httpx.TimeoutException):
+        hint = "the server is overloaded or hung; check its log and /metrics, or raise the client's timeout"
+    else:  # reset, closed mid-answer, protocol error: the server died, restarted or was killed
+        hint = "the server may have died or restarted; check its log, then retry"
+    return RetryableError(f"{type(e).__name__} talking to {url} ({what}): {reason}; {hint}")
 
 
 class TeacherClient:
@@ -114,7 +135,7 @@ class TeacherClient:
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0,
                  retry: RetryPolicy = RetryPolicy(), transport: httpx.BaseTransport | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url = base_url(url)
         self.retry = retry
         self._http = httpx.Client(headers=auth_headers(token), timeout=httpx.Timeout(timeout_s, connect=10.0),
                                   transport=transport)
@@ -131,8 +152,8 @@ class TeacherClient:
     def _get(self, path: str, timeout: float | None = None) -> httpx.Response:
         try:
             return self._http.get(self.url + path, **({} if timeout is None else {"timeout": timeout}))
-        except httpx.TransportError as e:
-            raise _transport(e, self.url) from None
+        except httpx.RequestError as e:
+            raise _transport(e, self.url, f"GET {path}") from None
 
     def _ok(self, r: httpx.Response, what: str) -> httpx.Response:
         if r.status_code == 401:
@@ -196,8 +217,13 @@ class TeacherClient:
 
         data = self.tokenizer_zip()
         with tempfile.TemporaryDirectory() as d:
-            zipfile.ZipFile(io.BytesIO(data)).extractall(d)
-            return AutoTokenizer.from_pretrained(d, local_files_only=True)
+            try:
+                zipfile.ZipFile(io.BytesIO(data)).extractall(d)
+                return AutoTokenizer.from_pretrained(d, local_files_only=True)
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise ClientError(f"server {self.url}: GET /v1/tokenizer sent {len(data)} bytes that are not a "
+                                  f"loadable tokenizer ({type(e).__name__}: {e}); is it a teacher_server of "
+                                  f"this version?") from None
 
     def metrics(self) -> str:
         """GET /metrics (Prometheus text)."""
@@ -212,8 +238,8 @@ class TeacherClient:
                 try:
                     r = self._http.post(self.url + "/v1/targets", content=body,
                                         headers={"Content-Type": CONTENT_TYPE_REQUEST})
-                except httpx.TransportError as e:
-                    raise _transport(e, self.url) from None
+                except httpx.RequestError as e:
+                    raise _transport(e, self.url, "POST /v1/targets") from None
                 if r.status_code != 200:
                     _raise_for_targets(r, self.url)
                 try:
@@ -232,7 +258,7 @@ class AsyncTeacherClient:
 
     def __init__(self, url: str, token: str | None = None, concurrency: int = 2, timeout_s: float = 600.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url = base_url(url)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s, connect=10.0),
                                        headers={**auth_headers(token), "Content-Type": CONTENT_TYPE_REQUEST},
@@ -246,8 +272,8 @@ class AsyncTeacherClient:
         (transport errors, 429/5xx) or ClientError (any other answer: final)."""
         try:
             r = await self._http.post(self.url + "/v1/targets", content=body)
-        except httpx.TransportError as e:
-            raise _transport(e, self.url) from None
+        except httpx.RequestError as e:
+            raise _transport(e, self.url, "POST /v1/targets") from None
         if r.status_code != 200:
             _raise_for_targets(r, self.url)
         return r.content
