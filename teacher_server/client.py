@@ -106,20 +106,13 @@ def _raise_for_targets(r: httpx.Response, url: str) -> None:
     raise ClientError(detail, r.status_code)
 
 
-def base_url(url: str) -> str:
-    """``url`` without a trailing slash; ClientError unless it is an http(s) URL with a host."""
-    try:
-        u = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as e:
-        raise ClientError(f"{url!r} is not a URL ({e}); use e.g. http://127.0.0.1:8000") from None
-    if u.scheme not in ("http", "https") or not u.host:
-        raise ClientError(f"{url!r} is not an http(s) URL of a teacher server; use e.g. http://127.0.0.1:8000")
-    return url.rstrip("/")
-
-
-def _transport(e: httpx.RequestError, url: str, what: str) -> RetryableError:
-    """Any failure without an HTTP answer (refused, reset, timed out, broken response) as one line:
-    the server, the request, what happened and what to do."""
+def _failure(e: Exception, url: str, what: str) -> ClientError:
+    """A request that got no HTTP answer, as one line: the server, the request, what happened and
+    what to do. A URL that cannot work is final; everything else (refused, reset, timed out, broken
+    answer) is worth another attempt."""
+    if isinstance(e, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
+        return ClientError(f"{url!r} is not an http(s) URL of a teacher server ({e}); use e.g. "
+                           f"http://127.0.0.1:8000")
     reason = str(e) or type(e).__name__
     if isinstance(e, httpx.ConnectError):
         hint = "is the server running (teacher_server serve ...) and is the URL right?"
@@ -130,12 +123,16 @@ def _transport(e: httpx.RequestError, url: str, what: str) -> RetryableError:
     return RetryableError(f"{type(e).__name__} talking to {url} ({what}): {reason}; {hint}")
 
 
+# what httpx raises when no answer came (InvalidURL is no RequestError: a URL httpx cannot even parse)
+_NO_ANSWER = (httpx.RequestError, httpx.InvalidURL)
+
+
 class TeacherClient:
     """Synchronous client of one server (readiness, info, tokenizer, targets, metrics)."""
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0,
                  retry: RetryPolicy = RetryPolicy(), transport: httpx.BaseTransport | None = None) -> None:
-        self.url = base_url(url)
+        self.url = url.rstrip("/")
         self.retry = retry
         self._http = httpx.Client(headers=auth_headers(token), timeout=httpx.Timeout(timeout_s, connect=10.0),
                                   transport=transport)
@@ -152,8 +149,8 @@ class TeacherClient:
     def _get(self, path: str, timeout: float | None = None) -> httpx.Response:
         try:
             return self._http.get(self.url + path, **({} if timeout is None else {"timeout": timeout}))
-        except httpx.RequestError as e:
-            raise _transport(e, self.url, f"GET {path}") from None
+        except _NO_ANSWER as e:
+            raise _failure(e, self.url, f"GET {path}") from None
 
     def _ok(self, r: httpx.Response, what: str) -> httpx.Response:
         if r.status_code == 401:
@@ -238,8 +235,8 @@ class TeacherClient:
                 try:
                     r = self._http.post(self.url + "/v1/targets", content=body,
                                         headers={"Content-Type": CONTENT_TYPE_REQUEST})
-                except httpx.RequestError as e:
-                    raise _transport(e, self.url, "POST /v1/targets") from None
+                except _NO_ANSWER as e:
+                    raise _failure(e, self.url, "POST /v1/targets") from None
                 if r.status_code != 200:
                     _raise_for_targets(r, self.url)
                 try:
@@ -258,7 +255,7 @@ class AsyncTeacherClient:
 
     def __init__(self, url: str, token: str | None = None, concurrency: int = 2, timeout_s: float = 600.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.url = base_url(url)
+        self.url = url.rstrip("/")
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s, connect=10.0),
                                        headers={**auth_headers(token), "Content-Type": CONTENT_TYPE_REQUEST},
@@ -272,8 +269,8 @@ class AsyncTeacherClient:
         (transport errors, 429/5xx) or ClientError (any other answer: final)."""
         try:
             r = await self._http.post(self.url + "/v1/targets", content=body)
-        except httpx.RequestError as e:
-            raise _transport(e, self.url, "POST /v1/targets") from None
+        except _NO_ANSWER as e:
+            raise _failure(e, self.url, "POST /v1/targets") from None
         if r.status_code != 200:
             _raise_for_targets(r, self.url)
         return r.content

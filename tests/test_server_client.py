@@ -251,8 +251,11 @@ def test_a_server_that_resets_connections_gives_one_line_errors():
 
 def test_bad_urls_and_bad_tokenizer_answers_are_client_errors():
     for bad in ("localhost:8000", "ftp://host/x", "http://", "http://[::1"):
-        with pytest.raises(ClientError, match="use e.g. http://127.0.0.1:8000"):
-            TeacherClient(bad)
+        with TeacherClient(bad, retry=NO_WAIT) as c:  # construction never fails: the first request says why
+            for call in (c.info, lambda: c.targets(_request()), lambda: c.wait_ready(60, poll_s=0)):
+                with pytest.raises(ClientError, match="use e.g. http://127.0.0.1:8000") as ei:
+                    call()
+                assert not isinstance(ei.value, RetryableError), bad  # final: no retry can fix a URL
     _, handler = scripted(httpx.Response(200, content=b"not a zip"))
     with pytest.raises(ClientError, match="not a loadable tokenizer") as ei:
         TeacherClient(URL, transport=httpx.MockTransport(handler)).tokenizer()
