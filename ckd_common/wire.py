@@ -33,6 +33,7 @@ sample's normalised autocorrelation, in sample order.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ WIRE_VERSION = 1
 CONTENT_TYPE_REQUEST = "application/x-ckd-targets-request"
 CONTENT_TYPE_RESPONSE = "application/x-ckd-targets"
 MAX_HEADER_BYTES = 64 << 20  # a header this large is a broken or hostile frame, not a real request
+MAX_NDIM = 8  # the frames hold vectors and matrices; more dimensions than this is no real frame
+_ARRAY_KINDS = "biuf"  # booleans, integers and floats; no objects, strings, records or complex numbers
 _PREFIX = struct.Struct("<4sII")
 _ALIGN = 8
 
@@ -86,25 +89,49 @@ def decode_frame(data: bytes | bytearray | memoryview, magic: bytes) -> tuple[di
         raise WireError(f"header length {hlen} does not fit a body of {len(buf)} bytes")
     try:
         header = json.loads(bytes(buf[_PREFIX.size:_PREFIX.size + hlen]))
-        meta, specs = header["meta"], header["arrays"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise WireError(f"header is not the expected JSON object with 'meta' and 'arrays' ({e})") from None
+    except RecursionError:  # e.g. 100k nested brackets: json's parser gives up at Python's recursion limit
+        raise WireError("header JSON is nested too deeply") from None
+    except ValueError as e:
+        raise WireError(f"header is not JSON ({e})") from None
+    if not (isinstance(header, dict) and isinstance(header.get("meta"), dict)
+            and isinstance(header.get("arrays"), list)):
+        raise WireError("header is not the expected JSON object with 'meta' (an object) and 'arrays' (a list)")
+    meta, specs = header["meta"], header["arrays"]
     off = _PREFIX.size + hlen
     arrays: dict[str, np.ndarray] = {}
     for spec in specs:
-        try:
-            name, dtype, shape = spec["name"], np.dtype(spec["dtype"]), tuple(int(s) for s in spec["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise WireError(f"array spec {spec!r} is malformed ({e})") from None
-        if dtype.hasobject or any(s < 0 for s in shape):
-            raise WireError(f"array {name!r}: dtype {dtype} / shape {shape} not allowed")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if off + nbytes > len(buf):
+        name, dtype, shape = _array_spec(spec, len(buf))
+        if name in arrays:
+            raise WireError(f"array {name!r} appears twice in the header")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow however large the claim
+        if nbytes > len(buf) - off:
             raise WireError(f"array {name!r} ({nbytes} bytes at offset {off}) runs past the end of the "
                             f"{len(buf)}-byte body (truncated upload?)")
         arrays[name] = np.frombuffer(buf[off:off + nbytes], dtype=dtype).reshape(shape)
         off += nbytes + _pad(nbytes)
     return meta, arrays
+
+
+def _array_spec(spec, body_bytes: int) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """One entry of header["arrays"], checked: a name, a plain numeric dtype, a shape of at most
+    MAX_NDIM non-negative integers none larger than the body (a non-empty array cannot be)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise WireError(f"array spec {str(spec)[:200]} is not an object with a string 'name'")
+    name, shape = spec["name"], spec.get("shape")
+    try:
+        dtype = np.dtype(spec.get("dtype"))
+    except (TypeError, ValueError) as e:
+        raise WireError(f"array {name!r}: dtype {str(spec.get('dtype'))[:50]!r} is not a numpy dtype ({e})") from None
+    if (dtype.kind not in _ARRAY_KINDS or dtype.subdtype is not None or dtype.byteorder == ">"
+            or dtype.itemsize > 8):
+        raise WireError(f"array {name!r}: dtype {dtype.str!r} is not allowed (little-endian booleans, integers "
+                        f"or floats)")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= max(body_bytes, 1 << 16)
+                       for d in shape)):
+        raise WireError(f"array {name!r}: shape {str(shape)[:100]} is not a list of at most {MAX_NDIM} "
+                        f"dimensions in [0, {max(body_bytes, 1 << 16)}] (the body's size)")
+    return name, dtype, tuple(shape)
 
 
 def _require(arrays: dict[str, np.ndarray], name: str, length: int, what: str) -> np.ndarray:
@@ -163,31 +190,53 @@ def encode_request(req: TargetsRequest) -> bytes:
     return encode_frame(REQUEST_MAGIC, meta, arrays)
 
 
+def _int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(f"{what} must be an integer, not {str(value)[:50]!r}")
+    return value
+
+
+def _vector(arrays: dict[str, np.ndarray], name: str, length: int, what: str, kinds: str, dtype: str) -> np.ndarray:
+    """A 1-D array of the expected kind: a 2-D or float ``input_ids`` would otherwise pass the
+    count check and be cast (1.5 -> 1), and then fail the batch it joins in the engine."""
+    a = _require(arrays, name, length, what)
+    if a.ndim != 1 or a.dtype.kind not in kinds:
+        raise WireError(f"array {name!r} must be 1-D {dtype}; got {a.dtype.str} with shape {list(a.shape)}")
+    return a
+
+
 def decode_request(data: bytes | bytearray | memoryview) -> TargetsRequest:
-    """Frame -> TargetsRequest. Checks framing and counts only; the server checks the content."""
+    """Frame -> TargetsRequest. Checks framing, counts, shapes and dtypes; the server checks the content."""
     meta, arrays = decode_frame(data, REQUEST_MAGIC)
     try:
-        k = int(meta["k"])
-        vocab_limit = None if meta.get("vocab_limit") is None else int(meta["vocab_limit"])
+        k = _int(meta["k"], "k")
+        vocab_limit = None if meta.get("vocab_limit") is None else _int(meta["vocab_limit"], "vocab_limit")
         template = meta.get("template")
-        metas = list(meta["samples"])
-        lengths = [int(m["length"]) for m in metas]
-        nresp = [int(m["num_response"]) for m in metas]
-        nimg = [int(m["image_bytes"]) for m in metas]
-    except (KeyError, TypeError, ValueError) as e:
-        raise WireError(f"request header is missing or has a malformed field ({type(e).__name__}: {e})") from None
+        if template is not None and not isinstance(template, str):
+            raise WireError(f"template must be a string or null, not {str(template)[:50]!r}")
+        metas = meta["samples"]
+        if not isinstance(metas, list) or not all(isinstance(m, dict) for m in metas):
+            raise WireError("samples must be a list of objects")
+        lengths = [_int(m["length"], f"samples[{i}].length") for i, m in enumerate(metas)]
+        nresp = [_int(m["num_response"], f"samples[{i}].num_response") for i, m in enumerate(metas)]
+        nimg = [_int(m["image_bytes"], f"samples[{i}].image_bytes") for i, m in enumerate(metas)]
+    except KeyError as e:
+        raise WireError(f"request header is missing the field {e}") from None
     if any(x < 0 for x in lengths + nresp):
         raise WireError("negative length or num_response in the request header")
-    ids = _require(arrays, "input_ids", sum(lengths), "sample lengths")
-    resp = _require(arrays, "response_positions", sum(nresp), "num_response")
-    images = _require(arrays, "images", sum(max(n, 0) for n in nimg), "image_bytes")
+    ids = _vector(arrays, "input_ids", sum(lengths), "sample lengths", "iu", "integers (<i4)")
+    resp = _vector(arrays, "response_positions", sum(nresp), "num_response", "iu", "integers (<i4)")
+    images = _vector(arrays, "images", sum(max(n, 0) for n in nimg), "image_bytes", "u", "bytes (|u1)")
+    if images.dtype.itemsize != 1:
+        raise WireError(f"array 'images' must be 1-D bytes (|u1); got {images.dtype.str}")
     samples, a, b, c = [], 0, 0, 0
-    for m, n, r, ni in zip(metas, lengths, nresp, nimg):
+    for i, (m, n, r, ni) in enumerate(zip(metas, lengths, nresp, nimg)):
         try:
             key, sid = str(m["key"]), str(m.get("id", ""))
-            vs, nv = int(m.get("visual_start", -1)), int(m.get("num_visual", 0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise WireError(f"sample header {m!r} is malformed ({e})") from None
+            vs = _int(m.get("visual_start", -1), f"samples[{i}].visual_start")
+            nv = _int(m.get("num_visual", 0), f"samples[{i}].num_visual")
+        except KeyError as e:
+            raise WireError(f"samples[{i}] is missing the field {e}") from None
         img = None
         if ni >= 0:
             img = images[c:c + ni].tobytes()
