@@ -39,7 +39,8 @@ def _check_logits(src, out, strategy, dtype, layer=-2):
                      pixel_values=pixels).logits
     ref = reference_logits(src, torch.tensor([ids]), IMAGE_POS, pixels, strategy, dtype, layer)
     assert ours.shape == ref.shape == (1, len(ids) - 1 + nv, 151936)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    # = assert_close(rtol=0, atol=1e-5) (a NaN fails too), without its temporaries of 111M elements
+    assert ours.dtype == ref.dtype and float((ours - ref).abs().max()) <= 1e-5
     return model, tok, info
 
 
