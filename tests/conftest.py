@@ -65,12 +65,23 @@ class _Guard:
 
 def _audit(event: str, args: tuple) -> None:
     test = _Guard.test
-    if test is None or event not in _GUARDED_EVENTS:
+    if test is None or event not in _GUARDED_EVENTS or _importing():
         return
     what = f"{_GUARDED_EVENTS[event]} ({event}{_describe(args)})"
     _Guard.violations.append(what)
     raise TierViolation(f"{test} {what} but is not marked integration: mark it @pytest.mark.integration "
                         "(the fast tier runs in-process only)")
+
+
+def _importing() -> bool:
+    """A module being imported (a library probing its platform at import, e.g. for a compiler or a
+    GPU): not something the test starts, and which test pays for the import depends on the order."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _describe(args: tuple) -> str:
