@@ -24,14 +24,15 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m deploy.demo --workdir runs/demo
 
-# Tiers (tests/conftest.py enforces them): unmarked = fast in-process unit tests; `integration` =
-# starts a process, a server or DeepSpeed; `gpu` = CUDA only (skipped without it). Per-test timeouts
-# and the timeout method are in pyproject.toml; the slowest tests' durations are printed.
+# Tiers (tests/conftest.py enforces the first two): unmarked = fast in-process unit tests;
+# `integration` = starts a process, a server or DeepSpeed; `slow` = in-process real-shape forwards
+# (seconds each); `gpu` = CUDA only (skipped without it). Per-test timeouts and the timeout method
+# are in pyproject.toml; the slowest tests' durations are printed.
 test: venv
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not integration and not gpu" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not integration and not gpu and not slow" --durations=10 $(PYTEST_ARGS)
 
 test-integration: venv
 	$(PY) -m pytest -q -m integration --durations=25 $(PYTEST_ARGS)

@@ -5,7 +5,8 @@ test tiers, enforced:
 - ``integration``: starts a process (subprocess, fork, DataLoader workers), a server (binds a
   socket) or DeepSpeed / torch.distributed. An unmarked test (or a fixture it sets up) that does
   any of these fails at that call, naming the test — so ``make test-fast`` (``-m "not integration
-  and not gpu"``) stays fast and in-process by construction, not by convention;
+  and not gpu and not slow"``) stays in-process by construction, not by convention;
+- ``slow``: in-process, but seconds of CPU each (real-shape forwards); left out of ``make test-fast``;
 - ``gpu``: needs CUDA; skipped without it.
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ sys.addaudithook(_audit)  # hooks cannot be removed; outside a guarded test phas
 
 def _audit_fork_exec() -> None:
     """multiprocessing's spawn and forkserver start methods call _posixsubprocess.fork_exec directly,
-    which raises no audit event: give it one (subprocess looks the function up on each call too)."""
+    which raises no audit event: give it one (subprocess keeps its own reference, and audits itself)."""
     try:
         import _posixsubprocess
     except ImportError:  # pragma: no cover - not POSIX

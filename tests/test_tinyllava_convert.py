@@ -61,6 +61,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # two forwards with [729, 151936] logits and the real tokenizer twice: ~5 s CPU per layout
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_converts_with_identical_logits(case, sources, qwen2_base_tokenizer_dir, tmp_path):
     which, stage, kw = CASES[case]
