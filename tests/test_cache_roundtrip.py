@@ -186,6 +186,7 @@ def _read_ids_with(args):
     return reader.get(key).text.ids.tolist()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_reader_in_loader_worker_processes(tmp_path, start):
     """A reader built (and used) in the parent works in forked and spawned data-loader workers."""

@@ -24,14 +24,13 @@ STEPS = {s: {"lr": 1.0e-3, "global_batch": 8, "micro_batch": 4, "max_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from ckd_common.model import init_preset
+def env(tmp_path_factory, tiny_models):
     from ckd_common.synth import synthesize
 
     root = tmp_path_factory.mktemp("cascade")
     synthesize(root / "data", seed=1, n_pretrain=12, n_instruct=12, n_eval=5)
-    for p in ("tiny-student", "tiny-ta", "tiny-teacher"):
-        init_preset(p, root / "models" / p)
+    for p in ("tiny-student", "tiny-ta", "tiny-teacher"):  # the session's presets, copied: never changed in place
+        shutil.copytree(tiny_models[p], root / "models" / p)
     return root
 
 
@@ -64,6 +63,7 @@ def _events(env: Path, run: str) -> list[dict]:
 # config and plan (no process started)
 
 
+@pytest.mark.integration
 def test_invalid_config_lists_every_problem_before_starting(env, tmp_path):
     other = tmp_path / "other-tok"
     from ckd_common.model import init_preset
@@ -161,12 +161,17 @@ def test_plans_for_each_strategy(env):
 
 # ---------------------------------------------------------------------------------------------
 # real cascades (shared by the tests below: each fixture runs once per module, on demand)
+# Whichever test asks first pays for the fixtures' cascades (a few minutes each on 2 busy cores), so
+# each of these tests gets a generous pytest timeout; the cascades themselves need no timeout of
+# their own (pytest-timeout interrupts subprocess.run, which then kills the cascade).
+CASCADES_S = 2400  # bottom-up (+ single) cascade fixtures
+INTERRUPTED_S = 3600  # ... + an interrupted cascade and its resumption
 
 
 @pytest.fixture(scope="module")
 def bottom_up_run(env):
     """The bottom-up cascade: fills the TA's and the Teacher's caches under cache/."""
-    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env, timeout=900)
+    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, _events(env, "bu")
 
@@ -174,12 +179,13 @@ def bottom_up_run(env):
 @pytest.fixture(scope="module")
 def single_run(env, bottom_up_run):
     """A single-teacher cascade after the bottom-up one: the Teacher's cache is already complete."""
-    r = _ckd("cascade", str(_config(env, "single", "single", teachers=("teacher",))), cwd=env, timeout=900)
+    r = _ckd("cascade", str(_config(env, "single", "single", teachers=("teacher",))), cwd=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, _events(env, "single")
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
 def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     _, ev = bottom_up_run
     jobs = [e["job"] for e in ev]
@@ -199,7 +205,7 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     assert summary["eval"]["bench"] == "synth" and 0 <= summary["eval"]["score"] <= 100
 
     # re-running a finished cascade only reports
-    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env, timeout=600)
+    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env)
     assert r.returncode == 0, r.stderr[-3000:]
     new = _events(env, "bu")[len(ev):]
     assert all(e["status"] == "reused" and e["kind"] == "fill" for e in new), new
@@ -207,6 +213,7 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
 def test_second_cascade_reuses_the_teacher_cache(env, single_run):
     _, events = single_run
     fills = [e for e in events if e["kind"] == "fill"]
@@ -215,6 +222,7 @@ def test_second_cascade_reuses_the_teacher_cache(env, single_run):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
 def test_cache_check_fingerprints_each_teacher_once_and_still_sees_a_changed_one(env, bottom_up_run, tmp_path):
     from ckd_common.model import init_preset
     from deploy.cascade.caches import CacheCheck
@@ -236,6 +244,7 @@ def test_cache_check_fingerprints_each_teacher_once_and_still_sees_a_changed_one
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(INTERRUPTED_S)
 def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
     cfg = _config(env, "single-int", "single", teachers=("teacher",))
     # started with SIGINT ignored, as every background job of a non-interactive shell is (`make test &`,
@@ -244,12 +253,14 @@ def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
+        # the cascade writes the step's log header *before* it forks the trainer (tens of ms later
+        # with the cascade's memory to copy): wait for the SFT log, then for the trainer process
+        # itself — the cascade has no other child by then (DPT's trainer has been reaped)
         log = env / "runs" / "single-int" / "logs" / "kd-teacher-sft.log"
-        deadline = time.monotonic() + 600
-        while not log.is_file() and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.2)
+        running: dict[int, int] = {}
+        while p.poll() is None and not (log.is_file() and (running := descendants(p.pid))):
+            time.sleep(0.05)
         assert p.poll() is None, p.stdout.read()
-        running = descendants(p.pid)  # the SFT trainer (and whatever it started)
         os.kill(p.pid, signal.SIGINT)
         out, _ = p.communicate(timeout=120)
     finally:
@@ -261,7 +272,7 @@ def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
     assert running and alive(running) == []  # no server, fill or trainer outlives the command
     assert not (env / "runs" / "single-int" / "stages" / "kd-teacher" / "dft").exists()
 
-    r = _ckd("cascade", str(cfg), cwd=env, timeout=900)
+    r = _ckd("cascade", str(cfg), cwd=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "dpt: already finished" in r.stdout
 

@@ -144,6 +144,7 @@ def test_server_preprocesses_with_the_teachers_mode(wide_synth_dir, tmp_path):
     assert np.abs(got.autocorr - square.autocorr).max() > 1e-3
 
 
+@pytest.mark.integration
 def test_trainer_uses_the_students_mode(presets, wide_synth_dir, tmp_path):
     """The first step's CE of a 'pad' student = the model's own loss on pad pixels (not square)."""
     from student_trainer.cli import main

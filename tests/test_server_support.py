@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-READY_TIMEOUT_S = 120  # 2 shared cores: importing torch + transformers alone can take 10 s
+READY_TIMEOUT_S = 300  # 2 shared, busy cores: imports + model load can take minutes (a dead server fails at once)
 
 
 class ServerProc:
