@@ -203,6 +203,7 @@ def _one_line(e: BaseException, url: str, *needles: str) -> None:
         assert n in msg, (n, msg)
 
 
+@pytest.mark.integration  # a real socket server
 def test_a_server_that_dies_after_readyz_gives_one_line_errors_not_httpx_tracebacks():
     srv = _DeadAfterReadyz()
     with TeacherClient(srv.url, retry=NO_WAIT) as c:
@@ -223,6 +224,7 @@ def test_a_server_that_dies_after_readyz_gives_one_line_errors_not_httpx_traceba
         _one_line(ei.value, srv.url, "is it running")
 
 
+@pytest.mark.integration  # a real socket server
 def test_a_server_that_resets_connections_gives_one_line_errors():
     srv = _Resetting()
     try:
