@@ -17,9 +17,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,64 +155,74 @@ class PreparedDataset:
 
 def read_records(path: str | Path) -> list:
     """Read LLaVA JSON (a list) or JSON lines. Every problem of the file itself (missing, not UTF-8,
-    not JSON, nested beyond the parser's limit) is a one-line DataError naming the file (and, for
-    JSON lines or a too-deep record, the record)."""
+    not JSON, nested beyond the parser's limit) is a one-line DataError naming the file (and, where
+    one is to blame, the record or line)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
-    return parse_records(p.read_bytes(), p)
+    return [rec for rec, _ in iter_records(decode_text(p.read_bytes(), p), p)]
 
 
-def parse_records(raw: bytes, p: Path) -> list:
-    """:func:`read_records` of the bytes ``raw`` of file ``p``."""
+def decode_text(raw: bytes, p: Path) -> str:
+    """The text of data file ``p`` (bytes ``raw``): UTF-8, a BOM tolerated."""
     try:
-        text = raw.decode("utf-8-sig")  # a BOM is harmless
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); LLaVA data "
                         f"files are UTF-8 JSON: convert it, e.g. iconv -f LATIN1 -t UTF-8") from None
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def iter_records(text: str, p: Path) -> Iterator[tuple[object, int]]:
+    """(record, offset in ``text`` after it) for each record of a JSON list or JSON lines, parsed one at
+    a time, so a large file is never held as Python objects all at once."""
     if p.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
+        pos = 0
+        for n, line in enumerate(text.splitlines(keepends=True), 1):
+            pos += len(line)
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                yield json.loads(line), pos
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
             except RecursionError:
                 raise DataError(f"{p}: line {n}: JSON nested too deeply to be a LLaVA record") from None
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p} is not valid JSON ({e}); expected a list of LLaVA samples or JSON lines") from None
-    except RecursionError:
-        where = _too_deep_record(text)
-        raise DataError(f"{p}: {where}JSON nested too deeply to be a LLaVA record") from None
-    if not isinstance(data, list):
-        raise DataError(f"{p}: expected a JSON list of samples, got {type(data).__name__}")
-    return data
-
-
-def _too_deep_record(text: str) -> str:
-    """'record N: ' for the first element of a JSON list that the parser cannot nest into."""
-    dec, i = json.JSONDecoder(), len(text) - len(text.lstrip())
+        return
+    i = _WS.match(text, 0).end()
     if not text.startswith("[", i):
-        return ""
-    i, n = i + 1, 0
-    try:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} is not valid JSON ({e}); expected a list of LLaVA samples or JSON lines") from None
+        except RecursionError:
+            raise DataError(f"{p}: JSON nested too deeply to be a LLaVA data file") from None
+        raise DataError(f"{p}: expected a JSON list of samples, got {type(data).__name__}")
+    decoder, i, n = json.JSONDecoder(), _WS.match(text, i + 1).end(), 0
+    if text.startswith("]", i):
+        i = _WS.match(text, i + 1).end()
+    else:
         while True:
-            while i < len(text) and text[i] in " \t\r\n,":
-                i += 1
-            if i >= len(text) or text[i] == "]":
-                return ""
             try:
-                _, i = dec.raw_decode(text, i)
+                rec, i = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p} is not valid JSON ({e}); expected a list of LLaVA samples or JSON lines") from None
             except RecursionError:
-                return f"record {n}: "
+                raise DataError(f"{p}: record {n}: JSON nested too deeply to be a LLaVA record") from None
+            yield rec, i
             n += 1
-    except json.JSONDecodeError:
-        return ""
+            i = _WS.match(text, i).end()
+            if text.startswith(",", i):
+                i = _WS.match(text, i + 1).end()
+            elif text.startswith("]", i):
+                i = _WS.match(text, i + 1).end()
+                break
+            else:
+                raise DataError(f"{p} is not valid JSON (expected ',' or ']' after record {n - 1}, at char {i})")
+    if i != len(text):
+        raise DataError(f"{p} is not valid JSON (extra data after the list, at char {i})")
 
 
 def _sample_id(record) -> str:

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import signal
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
 
-from ckd_common.data import DataError, Preparer, parse_records
+from ckd_common.data import DataError, Preparer, decode_text, iter_records
 
 CHUNK_RECORDS = 256   # records per task: big enough to amortise pickling, small enough for a smooth bar
 MAX_ERRORS_KEPT = 20  # bad records named in the manifest (all are counted)
@@ -101,8 +102,8 @@ def _stored_path(rel: str, root: Path | None) -> str:
     return rel if root is not None and not os.path.isabs(rel) else str(Path(rel).absolute())
 
 
-def _prepare_chunk(task: tuple[int, list]) -> dict:
-    start, records = task
+def _prepare_chunk(task: tuple[int, list, int]) -> dict:
+    start, records, end = task
     prep = _PREPARER
     toks, masks, tok_lens, vstart, keys, shas, stats = [], [], [], [], [], [], []
     ids, paths, errors, skipped_images = [], [], [], []
@@ -144,7 +145,7 @@ def _prepare_chunk(task: tuple[int, list]) -> dict:
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
     tokens = cat(toks, np.int64)
     return {
-        "records": len(records), "tokens": tokens, "label_mask": cat(masks, bool),
+        "records": len(records), "end": end, "tokens": tokens, "label_mask": cat(masks, bool),
         "tok_lens": np.asarray(tok_lens, np.int64), "visual_start": np.asarray(vstart, np.int32),
         "keys": np.asarray(keys, dtype="S32").reshape(n), "ids": ids, "paths": paths,
         "image_sha": np.frombuffer(b"".join(shas), np.uint8).reshape(n, 32),
@@ -212,20 +213,30 @@ class _Writer:
         return {name: af.close() for name, af in self.files.items()}
 
 
-def _chunks(records: list, size: int):
-    for start in range(0, len(records), size):
-        yield start, records[start:start + size]
+def _chunks(records, size: int):
+    """(index of the first record, up to ``size`` records, text offset after the last) from an
+    iterator of (record, offset)."""
+    chunk, start, pos = [], 0, 0
+    for rec, pos in records:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield start, chunk, pos
+            start, chunk = start + size, []
+    if chunk:
+        yield start, chunk, pos
 
 
-def _results(spec: dict, tokenizer, records: list, workers: int, size: int):
-    """Chunk results in record order, from ``workers`` spawned processes (in-process for one)."""
+def _results(spec: dict, tokenizer, chunks, workers: int):
+    """Chunk results in record order: in-process for one worker, else from ``workers`` spawned
+    processes with at most two chunks each in flight (the records are parsed only as fast as they
+    are prepared)."""
     global _PREPARER, _SOURCE, _ROOT
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if workers <= 1:
         _PREPARER = _make_preparer(spec, backend)
         _SOURCE, _ROOT = spec["data"], Path(spec["images"]) if spec["images"] else None
         try:
-            yield from map(_prepare_chunk, _chunks(records, size))
+            yield from map(_prepare_chunk, chunks)
         finally:
             _PREPARER = None
         return
@@ -233,22 +244,26 @@ def _results(spec: dict, tokenizer, records: list, workers: int, size: int):
 
     # spawn, not fork: the caller may be a trainer with threads (gloo, OpenMP) that fork would copy mid-lock
     with mp.get_context("spawn").Pool(workers, _init_worker, (spec, backend.to_str())) as pool:
-        yield from pool.imap(_prepare_chunk, _chunks(records, size))
+        pending: deque = deque()
+        for task in chunks:
+            pending.append(pool.apply_async(_prepare_chunk, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None, progress: bool = False,
           log=None, chunk_records: int | None = None) -> None:
-    """Prepare ``spec.data`` into ``root/name`` (replacing a stale one there); the caller holds the
-    dataset's exclusive lock."""
+    """Prepare ``spec.data`` into ``root/name`` (replacing a stale one there) with ``tokenizer``, the
+    one whose hash is ``spec.tokenizer_hash`` (not re-hashed here: 2 s for Qwen's); the caller holds
+    the dataset's exclusive lock."""
     from tqdm import tqdm
 
     from ckd_common.prepared import FORMAT, MANIFEST, SKIPPED_IMAGES
-    from ckd_common.tokenizer import pad_eos_warning, tokenizer_hash
+    from ckd_common.tokenizer import pad_eos_warning
 
     log = log if log is not None else (lambda _msg: None)
-    if tokenizer_hash(tokenizer) != spec.tokenizer_hash:
-        raise ValueError(f"the tokenizer given to prepare {spec.data} is not the one the spec names "
-                         f"({tokenizer_hash(tokenizer)} != {spec.tokenizer_hash})")
     t0 = time.perf_counter()
     data = Path(spec.data)
     if not data.is_file():
@@ -256,14 +271,15 @@ def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None,
     with open(data, "rb") as f:
         st = os.fstat(f.fileno())
         raw = f.read()
-    records = parse_records(raw, data)
     data_evidence = {"sha256": hashlib.sha256(raw).hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    text = decode_text(raw, data)
     del raw
-    size = chunk_records or CHUNK_RECORDS
-    n_chunks = -(-len(records) // size)
-    workers = max(1, min(workers or default_workers(), n_chunks))
-    log(f"building {root / name} from {data} ({len(records)} records, template {spec.template}, "
-        f"{workers} worker(s))")
+    chunks = _chunks(iter_records(text, data), chunk_records or CHUNK_RECORDS)
+    workers = max(1, workers or default_workers())
+    first = list(itertools.islice(chunks, workers))  # a file of fewer chunks needs fewer processes
+    workers = max(1, min(workers, len(first)))
+    chunks = itertools.chain(first, chunks)
+    log(f"building {root / name} from {data} (template {spec.template}, {workers} worker(s))")
     for old in root.iterdir():  # leftovers of an interrupted build or swap (we hold the lock)
         if old.name.startswith((f".{name}.tmp-", f".{name}.old-")):
             shutil.rmtree(old, ignore_errors=True)
@@ -274,10 +290,11 @@ def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None,
         fp = hashlib.sha256(f"{spec.template}|{spec.num_visual_tokens}|".encode())
         skipped: Counter = Counter()
         notes: Counter = Counter()
-        errors, skipped_images, n, max_token, n_tokens, n_response = [], [], 0, -1, 0, 0
-        bar = tqdm(total=len(records), unit="sample", desc=f"prepare {data.name} [{spec.template}]",
-                   disable=not progress, dynamic_ncols=True)
-        for r in _results(spec.to_dict(), tokenizer, records, workers, size):
+        errors, skipped_images, n, n_records, max_token, n_tokens, n_response = [], [], 0, 0, -1, 0, 0
+        # the bar follows the file (the number of records of a JSON list is known only at its end)
+        bar = tqdm(total=len(text), desc=f"prepare {data.name} [{spec.template}]", disable=not progress,
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+        for r in _results(spec.to_dict(), tokenizer, chunks, workers):
             writer.add(r)
             fp.update(r["keys"].tobytes())
             n += len(r["keys"])
@@ -290,16 +307,18 @@ def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None,
                 if len(errors) < MAX_ERRORS_KEPT:
                     errors.append(msg)
             skipped_images += r["skipped_images"]
-            bar.update(r["records"])
-            if skipped:
-                bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
+            n_records += r["records"]
+            bar.update(r["end"] - bar.n)
+            bar.set_postfix_str(f"{n} samples, {sum(skipped.values())} skipped", refresh=False)
+        bar.update(len(text) - bar.n)
         bar.close()
+        del text
         arrays = writer.close()
         warn = pad_eos_warning(tokenizer) if spec.template == "qwen2_base" else None
         seconds = time.perf_counter() - t0
         manifest = {
             "format": FORMAT, "spec": spec.to_dict(), "data": data_evidence, "fingerprint": fp.hexdigest()[:32],
-            "records": len(records), "samples": n, "tokens": n_tokens, "response_positions": n_response,
+            "records": n_records, "samples": n, "tokens": n_tokens, "response_positions": n_response,
             "skipped": dict(skipped), "errors": errors,
             "notes": dict(notes), "warnings": [warn] if warn else [], "max_token_id": max_token,
             "arrays": arrays, "workers": workers, "seconds": round(seconds, 2),
@@ -313,7 +332,7 @@ def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"built {root / name}: {n} samples, {sum(skipped.values())} left out "
-        f"{dict(skipped) if skipped else ''}in {seconds:.1f} s ({len(records) / max(seconds, 1e-9):.0f} records/s)")
+        f"{dict(skipped) if skipped else ''}in {seconds:.1f} s ({n_records / max(seconds, 1e-9):.0f} records/s)")
 
 
 def _write_last(path: Path, data: bytes) -> None:

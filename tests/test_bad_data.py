@@ -159,3 +159,17 @@ def test_ckd_data_prepare_skips_bombs_with_a_count(images, tmp_path, student_dir
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"ckd: error: {data}: record 1 (id b): image ")
+
+
+@pytest.mark.parametrize("text", ["[]", " [ ] \n", json.dumps([_rec("a"), _rec("b")], indent=2),
+                                  '[{"id": "x", "v": [1, {"a": "]"}]}, "s,]", 3.5, null]\r\n'])
+def test_the_streaming_reader_reads_what_json_reads(text, tmp_path):
+    assert read_records(_write(tmp_path, "d.json", text)) == json.loads(text)
+
+
+@pytest.mark.parametrize("text,message", [("[1,]", "not valid JSON"), ("[1] x", "extra data after the list"),
+                                          ("[1 2]", "expected ',' or ']' after record 0"), ("[1,", "not valid JSON"),
+                                          ("", "not valid JSON"), ('"a"', "expected a JSON list of samples, got str")])
+def test_the_streaming_reader_refuses_what_json_refuses(text, message, tmp_path):
+    with pytest.raises(DataError, match=f"d.json.*{message}"):
+        read_records(_write(tmp_path, "d.json", text))
