@@ -173,3 +173,17 @@ def test_the_streaming_reader_reads_what_json_reads(text, tmp_path):
 def test_the_streaming_reader_refuses_what_json_refuses(text, message, tmp_path):
     with pytest.raises(DataError, match=f"d.json.*{message}"):
         read_records(_write(tmp_path, "d.json", text))
+
+
+def test_the_fill_takes_the_lowest_pixel_limit_its_servers_report():
+    """One limit for preparation and servers: a server's own (``max_image_pixels`` in /v1/info) when it
+    reports a lower one, ours when it reports none (servers before the field) or a higher one."""
+    from types import SimpleNamespace
+
+    from deploy.fill import server_pixel_limit
+
+    assert server_pixel_limit({"a": SimpleNamespace()}) == MAX_IMAGE_PIXELS
+    assert server_pixel_limit({"a": SimpleNamespace(max_image_pixels=None)}) == MAX_IMAGE_PIXELS
+    assert server_pixel_limit({"a": SimpleNamespace(max_image_pixels=MAX_IMAGE_PIXELS * 4)}) == MAX_IMAGE_PIXELS
+    assert server_pixel_limit({"a": SimpleNamespace(max_image_pixels=1 << 20),
+                               "b": SimpleNamespace(max_image_pixels=1 << 22)}) == 1 << 20

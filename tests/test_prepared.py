@@ -215,7 +215,7 @@ def test_damaged_or_unfinished_datasets_are_never_opened(data, contract, tmp_pat
 
 
 def test_an_interrupted_build_leaves_nothing_behind(data, contract, tmp_path, monkeypatch):
-    from ckd_common import prepare_build
+    from ckd_common.prepared import builder as prepare_build
 
     calls = []
 

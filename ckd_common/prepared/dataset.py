@@ -1,118 +1,19 @@
-"""The prepared dataset on disk: made once by ``ckd data prepare`` (or the first process that needs
-it), opened by every trainer rank, fill, cascade and test instead of re-preparing
-(docs/prepared-data.md is the format and its rationale).
-
-A prepared dataset is one directory of flat NumPy arrays (memory-mapped, O(1) random access) plus
-``manifest.json``, written last as the commit marker. It is made for one :class:`PrepareSpec` —
-data file, image root, template, tokenizer hash, visual-token count, image token id, max_length,
-image preprocessing, pixel limit, image-path policy — and lives under a root
-(``$CKD_PREPARED_DIR``, default ``~/.cache/llava-ckd/prepared``) in a directory named after it.
-
-* :func:`obtain` opens the dataset of a spec, or builds it (in parallel: ``ckd_common.prepare_build``)
-  when it is missing, damaged or **stale** — the data file's bytes, a referenced image's bytes or
-  the image set changed since — and then rebuilds it; a stale dataset is never reused.
-* :func:`use_prepared` opens a dataset a caller names explicitly (``--prepared DIR``): one made for
-  other inputs, or a stale one, is **refused** with the differences, never rebuilt behind the
-  caller's back.
-* Consumers apply their own bad-record policy on open: the dataset holds the good samples and the
-  record of the bad ones; ``on_error='raise'`` fails naming the first bad record.
-"""
+"""An opened prepared dataset: memory-mapped arrays, samples rebuilt on access, and the checks that
+tell whether it still describes its inputs (docs/prepared-data.md)."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ckd_common.data import (DEFAULT_MAX_LENGTH, MAX_IMAGE_PIXELS, DataError, PreparedSample,
-                             dataset_fingerprint)
+from ckd_common.data import DataError, PreparedSample
 from ckd_common.templates import IGNORE_INDEX
 
-FORMAT = "ckd-prepared-v1"
-MANIFEST = "manifest.json"
-SKIPPED_IMAGES = "skipped_images.json"  # images of samples left out: their appearance makes the dataset stale
-ROOT_ENV = "CKD_PREPARED_DIR"
-
-Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(f"prepared data: {msg}", file=sys.stderr, flush=True)
-
-
-def default_root() -> Path:
-    """Where prepared datasets live: ``$CKD_PREPARED_DIR``, else ``$XDG_CACHE_HOME/llava-ckd/prepared``
-    (``~/.cache/llava-ckd/prepared``)."""
-    if os.environ.get(ROOT_ENV):
-        return Path(os.environ[ROOT_ENV])
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "llava-ckd" / "prepared"
-
-
-class PreparedDataError(DataError):
-    """A prepared dataset is missing, damaged, stale or made for other inputs (the message says which
-    and what to do)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# what a prepared dataset is made for
-
-
-@dataclass(frozen=True)
-class PrepareSpec:
-    """Every input a prepared dataset depends on. The content fields fix the samples; the policy fields
-    (pixel limit, images outside the root) decide which records are accepted."""
-
-    data: str                       # the data file, absolute
-    images: str | None              # the image root, absolute (None: image paths as given)
-    template: str
-    tokenizer_hash: str
-    num_visual_tokens: int
-    image_token_id: int
-    max_length: int = DEFAULT_MAX_LENGTH
-    image_aspect_ratio: str = "square"   # the pixels the loaders make of the images (docs/design.md §2.3)
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    allow_outside_images: bool = False
-
-    CONTENT = ("data", "images", "template", "tokenizer_hash", "num_visual_tokens", "image_token_id", "max_length",
-               "image_aspect_ratio")
-
-    @classmethod
-    def of(cls, data: str | Path, images: str | Path | None, template: str, model, max_length: int = DEFAULT_MAX_LENGTH,
-           **policy) -> "PrepareSpec":
-        """``model``: what the data is prepared for — anything with ``tokenizer_hash``,
-        ``num_visual_tokens``, ``image_token_id`` and ``image_aspect_ratio`` (ckd_common.model.ModelInfo
-        or DataContract, the server's /v1/info)."""
-        return cls(str(Path(data).resolve()), str(Path(images).resolve()) if images else None, template,
-                   model.tokenizer_hash, int(model.num_visual_tokens), int(model.image_token_id), int(max_length),
-                   getattr(model, "image_aspect_ratio", "square"), **policy)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps({"format": FORMAT, **self.to_dict()}, sort_keys=True).encode()).hexdigest()[:16]
-
-    @property
-    def dirname(self) -> str:
-        return f"{Path(self.data).stem}.{self.template}.{self.key}"
-
-    def differences(self, other: "PrepareSpec", fields: Sequence[str] = CONTENT) -> list[str]:
-        return [f"{f}: prepared for {getattr(self, f)!r}, this run has {getattr(other, f)!r}"
-                for f in fields if getattr(self, f) != getattr(other, f)]
-
-
-# ---------------------------------------------------------------------------------------------
-# the opened dataset
+from .spec import FORMAT, MANIFEST, SKIPPED_IMAGES, PreparedDataError, PrepareSpec
 
 
 class PreparedData:
@@ -378,106 +279,3 @@ def _sha256_file(p: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# opening: by spec under a root (built when needed), or an explicit directory
-
-
-@contextlib.contextmanager
-def _lock(root: Path, name: str, exclusive: bool) -> Iterator[None]:
-    """Readers of a dataset share the lock; its builder holds it alone (also across processes)."""
-    with open(root / f".{name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _try_open(path: Path, spec: PrepareSpec, images: bool) -> tuple[PreparedData | None, str | None]:
-    """(the dataset, None) if it is committed, intact and current; else (None, why not)."""
-    if not (path / MANIFEST).is_file():
-        return None, None
-    try:
-        ds = PreparedData(path)
-    except PreparedDataError as e:
-        return None, str(e)
-    diffs = ds.spec.differences(spec, tuple(f.name for f in dataclasses.fields(PrepareSpec)))
-    if diffs:  # only a hash collision of the directory name gets here
-        return None, "made for other inputs: " + "; ".join(diffs)
-    reasons = ds.stale_reasons(images=images)
-    return (None, "stale: " + "; ".join(reasons)) if reasons else (ds, None)
-
-
-def open_current(spec: PrepareSpec, root: str | Path | None = None) -> PreparedData | None:
-    """The prepared dataset of ``spec`` under ``root`` if it exists, is intact and is current, else None."""
-    root = Path(root) if root is not None else default_root()
-    if not (root / spec.dirname / MANIFEST).is_file():
-        return None
-    with _lock(root, spec.dirname, exclusive=False):
-        return _try_open(root / spec.dirname, spec, True)[0]
-
-
-def obtain(spec: PrepareSpec, tokenizer, *, root: str | Path | None = None, on_error: str = "raise",
-           workers: int | None = None, progress: bool = False, rebuild: bool = False, log: Log | None = _stderr,
-           check_images: bool = True, chunk_records: int | None = None) -> PreparedData:
-    """The prepared dataset of ``spec`` under ``root``: opened when it exists, is intact and is current;
-    built (``workers`` processes, default all cores) when it is missing, damaged or stale — a stale
-    dataset is rebuilt, never reused. Concurrent callers build it once (a lock per dataset).
-    ``tokenizer`` (with ``spec.tokenizer_hash``) is used only to build."""
-    from ckd_common.prepare_build import build
-
-    log = log if log is not None else (lambda _msg: None)
-    root = Path(root) if root is not None else default_root()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / spec.dirname
-    why = None
-    if not rebuild:
-        with _lock(root, spec.dirname, exclusive=False):
-            ds, why = _try_open(path, spec, check_images)
-        if ds is not None:
-            log(f"opened {path} ({len(ds)} samples, fingerprint {ds.fingerprint})")
-            return ds.check_errors(on_error)
-    with _lock(root, spec.dirname, exclusive=True):
-        if not rebuild:
-            ds, why = _try_open(path, spec, check_images)  # another process may have built it meanwhile
-            if ds is not None:
-                log(f"opened {path} ({len(ds)} samples, fingerprint {ds.fingerprint})")
-                return ds.check_errors(on_error)
-        if why:
-            log(f"{path} is {why if why.startswith('stale') else 'unusable: ' + why}; rebuilding it")
-        build(spec, tokenizer, root, spec.dirname, workers=workers, progress=progress, log=log,
-              chunk_records=chunk_records)
-        ds = PreparedData(path)
-    return ds.check_errors(on_error)
-
-
-def use_prepared(path: str | Path, expect: PrepareSpec, *, on_error: str = "raise", check_images: bool = True,
-                 max_image_pixels: int | None = None, log: Log | None = _stderr) -> PreparedData:
-    """The prepared dataset at ``path``, which the caller named explicitly: refused (PreparedDataError)
-    when it was made for other content inputs than ``expect``, accepted images over
-    ``max_image_pixels`` (e.g. a server's lower limit), or is stale. Its own pixel limit and image-path
-    policy are accepted as prepared."""
-    ds = PreparedData(path)
-    diffs = ds.spec.differences(expect)
-    if diffs:
-        raise PreparedDataError(f"--prepared {path} was made for other inputs than this run's:\n  " + "\n  ".join(diffs)
-                                + "\nprepare this run's data (ckd data prepare) or leave --prepared out")
-    if max_image_pixels is not None and ds.spec.max_image_pixels > max_image_pixels:
-        raise PreparedDataError(f"--prepared {path} accepted images up to {ds.spec.max_image_pixels} pixels, more than "
-                                f"the {max_image_pixels} allowed here; prepare it with --max-image-pixels "
-                                f"{max_image_pixels}")
-    reasons = ds.stale_reasons(images=check_images)
-    if reasons:
-        raise PreparedDataError(f"--prepared {path} is stale: " + "; ".join(reasons)
-                                + "; prepare the data again (ckd data prepare rebuilds it)")
-    if log is not None:
-        log(f"using {path} ({len(ds)} samples, fingerprint {ds.fingerprint})")
-    return ds.check_errors(on_error)
-
-
-__all__ = ["PrepareSpec", "PreparedData", "PreparedDataError", "StoredSample", "SampleView", "obtain", "use_prepared",
-           "open_current",
-           "default_root", "sample_keys", "keys_digest", "subset", "sample_lengths", "dataset_fingerprint", "ROOT_ENV",
-           "FORMAT", "MANIFEST"]

@@ -1,4 +1,4 @@
-"""Building a prepared dataset (ckd_common.prepared): records -> samples in parallel, appended to flat
+"""Building a prepared dataset: records -> samples in parallel, appended to flat
 arrays in a temporary directory, committed by writing ``manifest.json`` last and renaming the
 directory into place (docs/prepared-data.md).
 
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ckd_common.data import DataError, Preparer, decode_text, iter_records
+
+from .spec import FORMAT, MANIFEST, SKIPPED_IMAGES
 
 CHUNK_RECORDS = 256   # records per task: big enough to amortise pickling, small enough for a smooth bar
 MAX_ERRORS_KEPT = 20  # bad records named in the manifest (all are counted)
@@ -260,7 +262,6 @@ def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None,
     the dataset's exclusive lock."""
     from tqdm import tqdm
 
-    from ckd_common.prepared import FORMAT, MANIFEST, SKIPPED_IMAGES
     from ckd_common.tokenizer import pad_eos_warning
 
     log = log if log is not None else (lambda _msg: None)
