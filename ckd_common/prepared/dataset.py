@@ -180,21 +180,24 @@ class PreparedData:
 
 
 class StoredSample(PreparedSample):
-    """A sample of a prepared dataset on disk: its small fields read at once, its token arrays built
-    from the memory-mapped arrays on each access (so holding many samples costs little memory)."""
+    """A sample of a prepared dataset on disk: every field is read from the memory-mapped arrays when
+    it is used, so making (and holding) many samples costs little time and memory."""
+
+    __slots__ = ("_data", "_i")
 
     def __init__(self, data: PreparedData, i: int):  # noqa: D107 - not the dataclass __init__
         self._data, self._i = data, i
-        self.id = data._blob("sample_ids", i)
-        self.key = data.key_array[i].decode()
-        vs = int(data._vs[i])
-        self.visual_start, self.num_visual = vs, (data.num_visual_tokens if vs >= 0 else 0)
-        self.image_path = data.image_path(i)
-        self.image_sha = bytes(data._a["image_sha"][i]).hex() if vs >= 0 else None
-        self.image_stat = None
 
+    id = property(lambda self: self._data._blob("sample_ids", self._i))
+    key = property(lambda self: self._data.key_array[self._i].decode())
     input_ids = property(lambda self: self._data.input_ids(self._i))
     labels = property(lambda self: self._data.labels(self._i))
+    visual_start = property(lambda self: int(self._data._vs[self._i]))
+    num_visual = property(lambda self: self._data.num_visual_tokens if self._data._vs[self._i] >= 0 else 0)
+    image_path = property(lambda self: self._data.image_path(self._i))
+    image_sha = property(lambda self: bytes(self._data._a["image_sha"][self._i]).hex()
+                         if self._data._vs[self._i] >= 0 else None)
+    image_stat = None
 
     @property
     def length(self) -> int:
