@@ -1,8 +1,9 @@
 """Running a cascade: first prepare each data split once (``ckd data prepare``, or reuse the current
-prepared dataset; every fill and trainer step then opens that directory), then for every stage of the
-plan make sure the teacher's cache is complete (reuse it, or start the teacher's servers, fill it, stop
-them), then run the trainer's steps; finally evaluate the last stage's student. Later stages' caches do not depend on the student, so with
-disjoint teacher/training devices they are filled while the current stage trains (``overlap``).
+prepared dataset; every fill and trainer step then opens that directory), then for every stage of
+the plan make sure the teacher's cache is complete (reuse it, or start the teacher's servers, fill
+it, stop them), then run the trainer's steps; finally evaluate the last stage's student. Later
+stages' caches do not depend on the student, so with disjoint teacher/training devices they are
+filled while the current stage trains (``overlap``).
 
 Every step leaves a completion marker (the trainer's atomic ``final/``, the cache's committed keys),
 so re-running the command after a crash or Ctrl-C skips what is done and resumes what is not.
