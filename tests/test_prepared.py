@@ -276,9 +276,12 @@ def test_data_contract_reads_no_weights(student_dir, tmp_path):
 
 
 def test_ckd_data_prepare_reports_and_reuses(data, student_dir, tmp_path, capsys):
+    """`ckd data prepare` reads the model's config and tokenizer only (here: a copy without weights)."""
     from ckd_common.cli import main
 
-    argv = ["data", "prepare", "--model", str(student_dir), "--data", str(data / "instruct.json"), "--images",
+    light = tmp_path / "no-weights"
+    shutil.copytree(student_dir, light, ignore=shutil.ignore_patterns("*.safetensors"))
+    argv = ["data", "prepare", "--model", str(light), "--data", str(data / "instruct.json"), "--images",
             str(data / "images"), "--template", "qwen2_base", "--root", str(tmp_path / "root"), "--no-progress"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
