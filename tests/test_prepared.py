@@ -291,3 +291,23 @@ def test_ckd_data_prepare_reports_and_reuses(data, student_dir, tmp_path, capsys
     assert "building" not in err2 and "opened" in err2 and out2.splitlines()[0] == out.splitlines()[0]
     assert main(argv + ["--rebuild"]) == 0
     assert "building" in capsys.readouterr().err
+
+
+def test_a_root_that_cannot_be_written_is_one_error(data, contract, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(PreparedDataError, match="under .*file/root failed: .*prepare elsewhere"):
+        _obtain(data, contract, tmp_path / "file" / "root")
+
+
+def test_a_full_disk_leaves_nothing_behind(data, contract, tmp_path, monkeypatch):
+    import errno
+
+    from ckd_common.prepared import builder
+
+    def no_space(self, arr):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(builder._ArrayFile, "append", no_space)
+    with pytest.raises(PreparedDataError, match="No space left on device"):
+        _obtain(data, contract, tmp_path / "root")
+    assert [p.name for p in (tmp_path / "root").iterdir() if not p.name.endswith(".lock")] == []

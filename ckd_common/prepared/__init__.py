@@ -80,6 +80,14 @@ def obtain(spec: PrepareSpec, tokenizer, *, root: str | Path | None = None, on_e
     ``tokenizer`` (with ``spec.tokenizer_hash``) is used only to build."""
     log = log if log is not None else (lambda _msg: None)
     root = Path(root) if root is not None else default_root()
+    try:
+        return _obtain(spec, tokenizer, root, on_error, workers, progress, rebuild, log, check_images, chunk_records)
+    except OSError as e:  # a root we may not write, a full disk: one line, nothing half-written (see build)
+        raise PreparedDataError(f"preparing {spec.data} under {root} failed: {e}; free space, fix the permissions, "
+                                f"or prepare elsewhere ($CKD_PREPARED_DIR, ckd data prepare --root)") from None
+
+
+def _obtain(spec, tokenizer, root: Path, on_error, workers, progress, rebuild, log, check_images, chunk_records):
     root.mkdir(parents=True, exist_ok=True)
     path = root / spec.dirname
     why = None
