@@ -10,7 +10,7 @@ the two costs the preparation pass could pay: its sha256 (part of the sample key
 JPEG decode (done only by the loaders that need pixels). Images are in the page cache (a cold
 read is the disk's speed, not ours). Texts are unique per sample (no tokenizer cache hits).
 
-    python bench/prepare.py [--samples 3000] [--images 400]
+    python bench/prepare.py [--samples 6000] [--images 400]
 
 Last line: RESULT prepare_samples_per_s_1w=... prepare_samples_per_s_2w=... (captions and
 instructions together) and the per-split and per-sample numbers.
@@ -116,9 +116,19 @@ def _per_image_costs(img_dir: Path, names: list[str]) -> tuple[float, float]:
     return sha * 1e3, dec * 1e3
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the preparation workers). On a shared
+    machine whose scheduler shares CPU per session (autogroup), more workers get no more cores while
+    others are busy: CPU per sample says what the work costs, 'cores busy' what the machine gave."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=3000, help="samples per split")
+    ap.add_argument("--samples", type=int, default=6000, help="samples per split")
     ap.add_argument("--images", type=int, default=400, help="distinct 640x480 JPEGs (samples reuse them)")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     args = ap.parse_args()
@@ -144,14 +154,16 @@ def main() -> None:
         for split, data, template in (("caption", captions, "pretrain"), ("instruct", instructions, "qwen2_base")):
             spec = PrepareSpec.of(data, work / "images", template, contract)
             for workers in (1, 2):
-                t = time.perf_counter()
+                cpu0, t = _cpu_s(), time.perf_counter()
                 ds = obtain(spec, tok, root=work / "prepared", workers=workers, rebuild=True, log=None)
-                dt = time.perf_counter() - t
+                dt, cpu = time.perf_counter() - t, _cpu_s() - cpu0
                 assert len(ds) == args.samples and not ds.skipped, ds.skipped
                 total[workers] += dt
                 res[f"{split}_samples_per_s_{workers}w"] = args.samples / dt
+                res[f"{split}_cpu_ms_per_sample_{workers}w"] = cpu / args.samples * 1e3
                 print(f"{split:<9} {workers} worker(s): {args.samples / dt:8.0f} samples/s  ({dt:.2f} s; "
-                      f"mean {ds.manifest['tokens'] / len(ds):.0f} tokens/sample)", flush=True)
+                      f"{cpu / args.samples * 1e3:.2f} ms CPU/sample, worker start-up included; {cpu / dt:.2f} cores "
+                      f"busy; mean {ds.manifest['tokens'] / len(ds):.0f} tokens/sample)", flush=True)
             files = [p for p in ds.path.iterdir() if p.is_file()]
             res[f"{split}_bytes_per_sample"] = sum(p.stat().st_size for p in files) / len(ds)
             t = time.perf_counter()
