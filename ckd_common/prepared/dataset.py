@@ -132,15 +132,23 @@ class PreparedData:
         return reasons
 
     def _image_changes(self) -> list[str]:
-        stat, sha = self._a["image_stat"], self._a["image_sha"]
+        # one pass over plain Python objects: a stat per image dominates (~1.2M at LLaVA scale)
+        with_image = np.nonzero(self._vs >= 0)[0]
+        blob, off = self._a["image_paths"].tobytes(), self._a["image_paths_offsets"]
+        starts, ends = off[with_image].tolist(), off[with_image + 1].tolist()
+        stats = self._a["image_stat"][with_image].tolist()
+        root = self.spec.images
         changed, gone = [], []
-        for i in np.nonzero(self._vs >= 0)[0]:
-            path = self.image_path(i)
-            now = _stat(path)
-            if now != (int(stat[i, 0]), int(stat[i, 1])):
-                if now is None:
-                    gone.append(path)
-                elif _sha256_file(Path(path)) != bytes(sha[i]).hex():
+        for j, (a, b, (size, mtime)) in enumerate(zip(starts, ends, stats)):
+            rel = blob[a:b].decode()
+            path = os.path.join(root, rel) if root else rel
+            try:
+                st = os.stat(path)
+            except OSError:
+                gone.append(path)
+                continue
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                if _sha256_file(Path(path)) != bytes(self._a["image_sha"][with_image[j]]).hex():
                     changed.append(path)
         out = []
         if changed:
