@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ckd_common.data import PreparedSample, collate
-from ckd_common.prepared import sample_keys, subset
 from ckd_common.kd import collate_targets
+from ckd_common.prepared import sample_keys, subset
 from ckd_common.targets import SampleTargets, SparseTopK
 
 
