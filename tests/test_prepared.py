@@ -311,3 +311,22 @@ def test_a_full_disk_leaves_nothing_behind(data, contract, tmp_path, monkeypatch
     with pytest.raises(PreparedDataError, match="No space left on device"):
         _obtain(data, contract, tmp_path / "root")
     assert [p.name for p in (tmp_path / "root").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.integration  # the trainer initialises torch.distributed (DeepSpeed) before it reads data
+def test_the_trainer_refuses_a_prepared_dataset_of_other_inputs(data, contract, student_dir, tmp_path, capsys):
+    """`student_trainer --prepared DIR` with a directory made for another template: one error naming the
+    field, before any training; `--step all` (two data files) does not take one directory at all."""
+    from student_trainer.cli import main
+
+    captions, _ = _obtain(data, contract, tmp_path / "root", template="pretrain", file="pretrain.json")
+    common = ["--model", str(student_dir), "--images", str(data / "images"), "--no-progress", "--no-tensorboard",
+              "--prepared", str(captions.path)]
+    rc = main(["train", "--step", "ft", "--data", str(data / "pretrain.json"), "--out", str(tmp_path / "ft"), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was made for other inputs" in err and "template: prepared for 'pretrain', this run has " \
+                                                                  "'qwen2_base'" in err, err
+    assert not (tmp_path / "ft" / "final").exists()
+    rc = main(["distill", "--step", "all", "--cache", str(tmp_path), "--pretrain-data", str(data / "pretrain.json"),
+               "--instruct-data", str(data / "instruct.json"), "--out", str(tmp_path / "all"), *common])
+    assert rc == 2 and "--prepared names one prepared dataset" in capsys.readouterr().err
