@@ -126,6 +126,9 @@ class TrainConfig(CommandConfig):
     num_workers: int = _opt(2, group="data", help="prefetching loader workers")
     prefetch: int = _opt(4, group="data", help="micro-batches prefetched per worker")
     data_on_error: str = _opt("raise", group="data", choices=("raise", "skip"), help="bad records at preparation")
+    prepared: Path | None = _opt(None, group="data", help="the prepared dataset to use (a directory `ckd data "
+                                 "prepare` printed); refused if made for other inputs or stale. Default: opened, or "
+                                 "built once, under $CKD_PREPARED_DIR (docs/prepared-data.md)")
     # checkpoints and feedback
     save_every: int = _opt(0, group="checkpoints", help="periodic checkpoint every N steps (0: final only)")
     keep_last: int = _opt(2, group="checkpoints")
@@ -148,6 +151,7 @@ class TrainConfig(CommandConfig):
             self,
             model=Path(self.model), data=Path(self.data), out=Path(self.out),
             images=Path(self.images) if self.images is not None else None,
+            prepared=Path(self.prepared) if self.prepared is not None else None,
             lr=spec.lr if self.lr is None else float(self.lr),
             global_batch=spec.global_batch if self.global_batch is None else int(self.global_batch),
             alpha=1.0 if self.alpha is None else float(self.alpha),
@@ -174,6 +178,8 @@ class TrainConfig(CommandConfig):
             p.append(f"model: {self.model} has no config.json (expected an HF llava directory)")
         if self.images is not None and not Path(self.images).is_dir():
             p.append(f"images: directory {self.images} does not exist")
+        if self.prepared is not None and not Path(self.prepared).is_dir():
+            p.append(f"prepared: directory {self.prepared} does not exist")
         if self.out is None:
             p.append("out is required")
         elif Path(self.out).exists() and not Path(self.out).is_dir():
@@ -259,7 +265,8 @@ class TrainConfig(CommandConfig):
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # fields that may differ between a run and its --resume (everything else must match)
-    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "save_every", "keep_last")
+    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "save_every", "keep_last",
+                   "prepared")  # where the prepared data was found: the training set's hash guards its content
 
     def resume_differences(self, saved: "TrainConfig") -> list[str]:
         a, b = self.to_dict(), saved.to_dict()

@@ -17,6 +17,7 @@ deterministic length-grouped schedule of global batches, and a prefetching loade
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 from ckd_common.data import PreparedSample, collate
 from ckd_common.kd import collate_targets
+from ckd_common.prepared import sample_keys, subset
 from ckd_common.targets import SampleTargets, SparseTopK
 
 
@@ -76,19 +78,21 @@ def open_cache(root: str, expected: dict):
     return reader
 
 
-def join_targets(samples: list[PreparedSample], reader, on_missing: str) -> tuple[list[PreparedSample], int]:
+def join_targets(samples: Sequence[PreparedSample], reader, on_missing: str) -> tuple[Sequence[PreparedSample], int]:
     """Samples that have committed targets, and the number skipped (on_missing='skip')."""
-    missing = [s for s in samples if s.key not in reader]
-    if missing and on_missing != "skip":
-        first = ", ".join(f"{s.key} ({s.id})" for s in missing[:5])
+    keys = sample_keys(samples)  # one array read for a memory-mapped dataset, not sample by sample
+    missing_at = [i for i, k in enumerate(keys) if k not in reader]
+    if missing_at and on_missing != "skip":
+        missing = [samples[i] for i in missing_at[:5]]
+        first = ", ".join(f"{s.key} ({s.id})" for s in missing)
         raise TrainerError(
-            f"{len(missing)} of {len(samples)} samples have no targets in cache group {reader.group.url}; "
+            f"{len(missing_at)} of {len(samples)} samples have no targets in cache group {reader.group.url}; "
             f"first: {first}. Fix: finish filling the cache (a resumed fill adds missing keys), or pass "
             f"--on-missing skip to train without them.")
-    if not missing:
+    if not missing_at:
         return samples, 0
-    keep = {s.key for s in missing}
-    return [s for s in samples if s.key not in keep], len(missing)
+    gone = set(missing_at)
+    return subset(samples, [i for i in range(len(keys)) if i not in gone]), len(missing_at)
 
 
 def ce_only_targets(sample: PreparedSample) -> SampleTargets:

@@ -12,7 +12,6 @@ per-sample mean over the global batch, whatever the micro-batch size or the numb
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -141,8 +140,9 @@ def train(cfg: TrainConfig) -> RunResult:
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    from ckd_common.data import prepare_file
     from ckd_common.model import load_vlm, model_info
+    from ckd_common.prepared import keys_digest, sample_lengths
+    from student_trainer.dataset import training_data
 
     cuda = torch.cuda.is_available()
     cfg = cfg.resolved()
@@ -180,8 +180,7 @@ def train(cfg: TrainConfig) -> RunResult:
     # -- model, data, cache -------------------------------------------------------------------
     vlm, tok = load_vlm(cfg.model, dtype=torch.float32, device=device)
     info = model_info(vlm, tok)
-    dataset = prepare_file(cfg.data, tok, spec.template, info.num_visual_tokens, info.image_token_id, cfg.images,
-                           cfg.max_length, cfg.data_on_error, progress=is0 and cfg.progress)
+    dataset = training_data(cfg, spec.template, info, tok, rank, world)  # prepared once, memory-mapped
     samples, n_missing, reader = dataset.samples, 0, None
     has_vis = has_rel = False
     if spec.uses_teacher:
@@ -192,14 +191,14 @@ def train(cfg: TrainConfig) -> RunResult:
         if n_missing and is0:
             print(f"student_trainer: --on-missing skip: {n_missing} of {len(dataset)} samples have no cached "
                   f"targets and are left out")
-    train_set = hashlib.sha256("".join(s.key for s in samples).encode()).hexdigest()[:32]
+    train_set = keys_digest(samples)
     if resume_from is not None:
         was = json.loads((resume_from / ckpt.STATE_FILE).read_text()).get("train_set")
         if was is not None and was != train_set:
             raise TrainerError(f"--resume: the training samples differ from the checkpoint's ({len(samples)} now; "
                                f"the data file, the cache's committed keys with --on-missing skip, or preparation "
                                f"changed), so the run could not continue exactly; start a new --out")
-    schedule = build_schedule([s.length for s in samples], cfg.global_batch, cfg.micro_batch, world, cfg.seed,
+    schedule = build_schedule(sample_lengths(samples), cfg.global_batch, cfg.micro_batch, world, cfg.seed,
                               cfg.epochs, cfg.group_by_length, cfg.max_steps)
     total_steps = len(schedule)
     gas = cfg.global_batch // (cfg.micro_batch * world)

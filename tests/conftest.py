@@ -175,6 +175,13 @@ def pytest_runtest_teardown(item, nextitem):
     return (yield from _guarded_phase(item))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prepared_data_root(tmp_path_factory):
+    """Prepared datasets (ckd_common.prepared) made by this session, in-process or by the processes it
+    starts, go to a temporary root: never the user's ~/.cache."""
+    os.environ["CKD_PREPARED_DIR"] = str(tmp_path_factory.mktemp("prepared"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{'tiny-student': dir, 'tiny-ta': dir, 'tiny-teacher': dir} ('full' strategy)."""

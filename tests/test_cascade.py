@@ -188,7 +188,7 @@ def single_run(env, bottom_up_run):
 @pytest.mark.timeout(CASCADES_S)
 def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     _, ev = bottom_up_run
-    jobs = [e["job"] for e in ev]
+    jobs = [e["job"] for e in ev if e["kind"] != "prepare"]
     assert jobs[0] == "fill:ta" and "fill:teacher" in jobs
     assert [j for j in jobs if j.startswith("train")] == [
         f"train:{s}:{st}" for s in ("s1-ta", "s2-teacher") for st in ("dpt", "sft", "dft")]
@@ -208,8 +208,32 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env)
     assert r.returncode == 0, r.stderr[-3000:]
     new = _events(env, "bu")[len(ev):]
-    assert all(e["status"] == "reused" and e["kind"] == "fill" for e in new), new
+    assert all(e["status"] == "reused" and e["kind"] in ("prepare", "fill") for e in new), new
     assert "already finished" in r.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
+def test_bottom_up_prepares_each_split_exactly_once(env, bottom_up_run):
+    """Issue 14: the data was prepared 14 times per bottom-up cascade (every trainer step, every fill, the
+    completeness checks). Now each split is prepared once, before any fill or training step, and every
+    fill and trainer opens that directory."""
+    r, ev = bottom_up_run
+    prepares = [e for e in ev if e["kind"] == "prepare"]
+    assert sorted((e["job"], e["status"]) for e in prepares) == [("prepare:instruct", "done"),
+                                                                  ("prepare:pretrain", "done")]
+    first_other = min(i for i, e in enumerate(ev) if e["kind"] != "prepare")
+    assert all(e["kind"] == "prepare" for e in ev[:first_other]) and len(prepares) == first_other
+    logs = {p.name: p.read_text() for p in (env / "runs" / "bu" / "logs").glob("*.log")}
+    builds = [ln for text in [r.stdout, r.stderr, *logs.values()] for ln in text.splitlines()
+              if "prepared data: building " in ln]
+    assert len(builds) == 2, builds
+    assert sum("pretrain.json" in b for b in builds) == 1 and sum("instruct.json" in b for b in builds) == 1
+    dirs = {e["prepared"] for e in prepares}
+    users = {n: t for n, t in logs.items() if n.startswith("fill-") or n.split("-")[-1][:-4] in STEPS}
+    assert len(users) == 4 + 6  # a fill per teacher and split, 6 training steps
+    for name, text in users.items():
+        assert any(f"prepared data: using {d} " in text for d in dirs), name
 
 
 @pytest.mark.integration
