@@ -18,8 +18,7 @@ import numpy as np
 from ckd_common.keys import KEY_HEX_CHARS
 from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK
 
-from .encoding import (decode_q8, encode_q8, ids_hi_bits, join_ids, pack_autocorr, split_ids,
-                       unpack_autocorr)
+from .encoding import decode_q8, encode_q8, ids_hi_bits, join_ids, split_ids, unpack_autocorr
 from .meta import CacheMeta
 
 KEY_BYTES = KEY_HEX_CHARS // 2
@@ -195,5 +194,5 @@ def assemble(key: str, meta: CacheMeta, rec: dict[str, np.ndarray]) -> SampleTar
 
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "KEY_BYTES", "POSITION_KINDS", "array_names", "assemble", "autocorr_arrays",
-           "chunk_shape", "concat_records", "encode_record", "index_arrays", "key_row", "pack_autocorr",
-           "position_suffixes", "record_nbytes", "record_of", "sample_slices"]
+           "chunk_shape", "concat_records", "encode_record", "index_arrays", "key_row", "position_suffixes",
+           "record_nbytes", "record_of", "sample_slices"]

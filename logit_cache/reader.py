@@ -21,10 +21,11 @@ from zarr.core.sync import sync
 
 from ckd_common.targets import SampleTargets
 
-from .errors import CacheCorruptError, CacheError, KeyNotCachedError
+from .errors import CacheError, KeyNotCachedError
 from .layout import KEY_BYTES, assemble, index_arrays, record_of, sample_slices
 from .meta import CacheMeta
-from .store import CacheGroup, Manifest, Storage, corrupt_segment, find_group, open_group, verify_manifest_arrays
+from .storage import Storage
+from .store import CacheGroup, Manifest, corrupt_segment, find_group, open_group, verify_manifest_arrays
 
 
 class CacheReader:
