@@ -70,13 +70,6 @@ AUTOCORR_PROFILES: dict[str, dict[str, float]] = {
 }
 
 
-def _channel_sampler(d: int, rng: np.random.Generator, alpha: float):
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    c = np.arange(1, d + 1, dtype=np.float64) ** (-alpha)
-    s = np.sqrt(c / c.sum() * d)  # unit mean variance per channel
-    return lambda n: (rng.standard_normal((n, d)) * s) @ q.T
-
-
 def grid_positions(nv: int) -> tuple[np.ndarray, int]:
     """(y, x) of Nv patch tokens on the smallest square grid: 729 = 27 x 27 ('full'), 728 = the same
     grid without its first patch ('patch')."""
@@ -85,25 +78,58 @@ def grid_positions(nv: int) -> tuple[np.ndarray, int]:
     return yx[g * g - nv:], g
 
 
-def teacher_like_hidden(nv: int, d: int, rng: np.random.Generator, profile: str = "typical") -> np.ndarray:
-    """Final-norm hidden states [Nv, d] float32 of an image's visual tokens (module docstring)."""
-    p = AUTOCORR_PROFILES[profile]
+def image_regions(nv: int, rng: np.random.Generator, profile: str = "typical") -> np.ndarray:
+    """An image's segmentation: the region (Voronoi cell of random seeds on the grid) of each token."""
     yx, g = grid_positions(nv)
-    draw = _channel_sampler(d, rng, p["alpha"])
-    seeds = rng.uniform(0, g, (int(p["regions"]), 2))
-    region = np.argmin(((yx[:, None, :] - seeds[None]) ** 2).sum(-1), 1)
-    f = np.fft.fftfreq(g)
-    blur = np.exp(-2 * (np.pi * p["blur"]) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
-    field = np.fft.ifft2(np.fft.fft2(draw(g * g).reshape(g, g, d), axes=(0, 1)) * blur[..., None], axes=(0, 1)).real
-    field = field.reshape(g * g, d)[g * g - nv:]
-    field /= field.std() or 1.0
-    h = (p["common"] * draw(1) + p["region"] * draw(int(p["regions"]))[region] + p["smooth"] * field
-         + p["noise"] * draw(nv))
-    h /= np.sqrt((h ** 2).mean(1, keepdims=True))  # RMSNorm
-    gamma = np.ones(d)
-    massive = rng.choice(d, 3, replace=False)
-    gamma[massive] = rng.uniform(5, 20, 3)
-    return (h * gamma).astype(np.float32)
+    seeds = rng.uniform(0, g, (int(AUTOCORR_PROFILES[profile]["regions"]), 2))
+    return np.argmin(((yx[:, None, :] - seeds[None]) ** 2).sum(-1), 1)
+
+
+class TeacherLikeModel:
+    """One model's statistics: a channel basis with a power-law spectrum, the direction its states
+    share, a norm weight with a few massive channels, and its lm_head Gram G; ``hidden`` draws its
+    final-norm states on the visual tokens of one image (module docstring)."""
+
+    def __init__(self, d: int, rng: np.random.Generator, profile: str = "typical") -> None:
+        self.d, self.profile, self.p = d, profile, AUTOCORR_PROFILES[profile]
+        self.basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        c = np.arange(1, d + 1, dtype=np.float64) ** (-self.p["alpha"])
+        self.scale = np.sqrt(c / c.sum() * d)  # unit mean variance per channel
+        self.common = self.draw(1, rng)
+        self.gamma = np.ones(d)
+        massive = rng.choice(d, 3, replace=False)
+        self.gamma[massive] = rng.uniform(5, 20, 3)
+        self.gram = teacher_like_gram(d, rng)
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return (rng.standard_normal((n, self.d)) * self.scale) @ self.basis.T
+
+    def hidden(self, nv: int, rng: np.random.Generator, regions: np.ndarray | None = None) -> np.ndarray:
+        """[Nv, d] float32 for one image (``regions``: its segmentation, e.g. shared with another model)."""
+        p = self.p
+        region = image_regions(nv, rng, self.profile) if regions is None else regions
+        _, g = grid_positions(nv)
+        f = np.fft.fftfreq(g)
+        blur = np.exp(-2 * (np.pi * p["blur"]) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+        field = np.fft.ifft2(np.fft.fft2(self.draw(g * g, rng).reshape(g, g, self.d), axes=(0, 1)) * blur[..., None],
+                             axes=(0, 1)).real
+        field = field.reshape(g * g, self.d)[g * g - nv:]
+        field /= field.std() or 1.0
+        h = (p["common"] * self.common + p["region"] * self.draw(int(region.max()) + 1, rng)[region]
+             + p["smooth"] * field + p["noise"] * self.draw(nv, rng))
+        h /= np.sqrt((h ** 2).mean(1, keepdims=True))  # RMSNorm
+        return (h * self.gamma).astype(np.float32)
+
+    def autocorr(self, h: np.ndarray) -> np.ndarray:
+        """R / ||R||_F [Nv, Nv] float32, R = H G H^T."""
+        h = h.astype(np.float64)
+        r = h @ self.gram @ h.T
+        return (r / np.linalg.norm(r)).astype(np.float32)
+
+
+def teacher_like_hidden(nv: int, d: int, rng: np.random.Generator, profile: str = "typical") -> np.ndarray:
+    """Final-norm hidden states [Nv, d] float32 of one image, from a fresh TeacherLikeModel."""
+    return TeacherLikeModel(d, rng, profile).hidden(nv, rng)
 
 
 def teacher_like_gram(d: int, rng: np.random.Generator, alpha: float = 1.0, mean: float = 0.5) -> np.ndarray:
@@ -116,10 +142,9 @@ def teacher_like_gram(d: int, rng: np.random.Generator, alpha: float = 1.0, mean
 
 
 def teacher_like_autocorr(nv: int, d: int, rng: np.random.Generator, profile: str = "typical") -> np.ndarray:
-    """R / ||R||_F [Nv, Nv] float32 with R = H G H^T of teacher_like_hidden and teacher_like_gram."""
-    h = teacher_like_hidden(nv, d, rng, profile).astype(np.float64)
-    r = h @ teacher_like_gram(d, rng) @ h.T
-    return (r / np.linalg.norm(r)).astype(np.float32)
+    """R / ||R||_F [Nv, Nv] float32 of one image, from a fresh TeacherLikeModel."""
+    m = TeacherLikeModel(d, rng, profile)
+    return m.autocorr(m.hidden(nv, rng))
 
 
 def random_key(i: int, salt: str = "") -> str:
