@@ -10,9 +10,10 @@ simple, docs/environment.md §4):
 Shapes: Nv = 728 (and 729), teacher d = 896 (0.5B) and 1536 (1.5B), k = 64, q8 values.
 
 Measured:
-  bytes     every image sample's visual_* and autocorr* arrays as stored on disk (du of each array's
-            chunks, zstd level 11 via Blosc clevel 6, crc32c), per image sample. Format 1 is written
-            by an exact emulation of the format-1 writer (uint32 ids, the float16 triangle, no crc).
+  bytes     every image sample's visual_* and autocorr* arrays as stored on disk (the chunk files of
+            each array, crc32c included), per image sample, as a fill writes them (Blosc clevel 3);
+            `compact` (clevel 6) is ~4 % smaller. Format 1 is written by an exact emulation of the
+            format-1 writer (uint32 ids, the float16 triangle, clevel 6, no crc).
   rel error the trainer's relation term from the stored factor (ckd_common.kd.relation, as the fused
             loss calls it) vs the dense float32 R of the same sample (the format-1 semantics, minus
             float16): |delta (1 - cos)| and the relative error of its gradient with respect to the
@@ -147,6 +148,20 @@ def make_image_samples(cfgs, per_config: int, vocab: int, k: int, seed: int):
         print(f"  {profile:8s} d={d:4d} Nv={nv}: rank {[int(x) for x in rank]} share min {share.min():.6f}  "
               f"max |d(1-cos)| {worst:.1e}  ({time.process_time() - t0:.0f} s CPU)", flush=True)
     return out
+
+
+def io_samples(cfg, n: int, vocab: int, k: int, seed: int = 11):
+    """n distinct image samples of one (profile, d, Nv) for the I/O measurements (no error evaluation)."""
+    profile, d, nv = cfg
+    rng = np.random.default_rng(seed)
+    teacher = TeacherLikeModel(d, rng, profile)
+    dense = np.stack([teacher.autocorr(teacher.hidden(nv, rng)) for _ in range(n)])
+    codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
+    vis = topk_pool(n * nv, vocab, k, seed + 1)
+    empty = SparseTopK(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+    out = [SampleTargets(random_key(i, "bench-io"), empty, take(vis, i * nv, nv),
+                         factor_to_numpy(codes[i], scale[i], rank[i], share[i])) for i in range(n)]
+    return out, {s.key: r for s, r in zip(out, dense)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +340,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-config", type=int, default=4, help="image samples per (profile, d, Nv)")
     ap.add_argument("--text-samples", type=int, default=48)
+    ap.add_argument("--io-samples", type=int, default=32, help="distinct image samples for writer/read/verify timings")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--profiles", default=",".join(AUTOCORR_PROFILES))
@@ -399,6 +415,22 @@ def main():
         kib1.append(t1)
         kib2.append(t2)
         print(f"  {profile:8s} {d:5d} {nv:4d} {t1:8.1f} {t2:8.1f} {ac2:11.1f} {t1 / t2:6.2f}")
+    from logit_cache.store import COMPACT_CLEVEL, DEFAULT_CLEVEL
+    # one larger set of distinct image samples of this config: writer CPU, verify, reads
+    big, big_dense = io_samples(key0, a.io_samples, a.vocab, a.k)
+    by_clevel, big_groups = {}, {}
+    for clevel in (DEFAULT_CLEVEL, COMPACT_CLEVEL):  # the writer's CPU per image sample, and its bytes
+        g = open_group(work / f"clevel{clevel}", meta=group_meta(a.vocab, a.k, key0[2]), create=True)
+        t0 = time.process_time()
+        with g.writer(clevel=clevel) as w:
+            for s_ in big:
+                w.add(s_)
+        by_clevel[clevel] = ((time.process_time() - t0) / len(big) * 1e3,
+                             sum(image_bytes(bytes_by_array(g)).values()) / len(big) / KIB)
+        big_groups[clevel] = g
+    print(f"  writer (add + commit of {len(big)} image samples, CPU per sample): " + ", ".join(
+        f"clevel {c} {ms:.1f} ms -> {kib:.1f} KiB" for c, (ms, kib) in by_clevel.items()) +
+        f" (fills write at {DEFAULT_CLEVEL}; compact rewrites at {COMPACT_CLEVEL})")
     meta_b, nseg = metadata_bytes(v2_groups[key0][1])
     print(f"  (+ Zarr metadata: {meta_b / nseg / KIB:.1f} KiB per segment, i.e. per ~3,000 image samples: not counted)")
     # the heaviest single sample: every sample at the rank cap
@@ -412,8 +444,7 @@ def main():
           f"(visual {vis2:.1f} + {DEFAULT_MAX_RANK} x {per_col:.2f} KiB per column)")
 
     # -- values, I/O -------------------------------------------------------------------------------
-    g1, g2, wt, samples = v2_groups[key0]
-    allkeys = [s.key for s in texts + samples]
+    _, g2, _, samples = v2_groups[key0]
     got = {s.key: s for s in CacheReader(g2).iter_samples()}
     kl = {}
     for kind in ("text", "visual"):
@@ -430,24 +461,24 @@ def main():
     text_b = sum(v for k, v in by2.items() if k.startswith("text_")) / tp
     print(f"values (q8): KL text {kl['text'].mean():.2e} visual {kl['visual'].mean():.2e} nats (p99 "
           f"{np.quantile(kl_all, .99):.1e}); text positions {text_b:.1f} B each")
-    raw_mb = sum(s.visual.num_positions * (a.k * 8 + 4) + (len(s.autocorr.codes.reshape(-1)) if s.autocorr else 0)
-                 for s in samples) / 1e6
-    rand1, rand1b = read_rates(g1, allkeys, a.rand)
-    rand2, rand2b = read_rates(g2, allkeys, a.rand)
-    share_crc = crc_share(g2, allkeys)
-    print(f"I/O at {key0}: write {raw_mb / wt:.1f} MB/s of raw image targets; random reads/s v1 {rand1:.0f} "
-          f"(batches of 8: {rand1b:.0f}), v2 {rand2:.0f} ({rand2b:.0f}); crc32c = {100 * share_crc:.1f} % of a "
-          f"full read")
+    g1_big = write_v1(work / "v1-big", big, a.vocab, a.k, key0[2], big_dense)
+    g2_big = big_groups[DEFAULT_CLEVEL]
+    big_keys = [s_.key for s_ in big]
+    rand1, rand1b = read_rates(g1_big, big_keys, a.rand)
+    rand2, rand2b = read_rates(g2_big, big_keys, a.rand)
+    share_crc = crc_share(g2_big, big_keys)
+    print(f"I/O, image samples at {key0}: random reads/s v1 {rand1:.0f} (batches of 8: {rand1b:.0f}), "
+          f"v2 {rand2:.0f} ({rand2b:.0f}); crc32c = {100 * share_crc:.1f} % of a full read")
     # verify (all checks) and the trainer's format-1 open check, as stored MB/s -> 1M image samples
     stored = lambda g: sum(bytes_by_array(g).values())  # noqa: E731
     t0 = time.perf_counter()
-    verify(g2, progress=False)
-    mbs_v2 = stored(g2) / 1e6 / (time.perf_counter() - t0)
+    verify(g2_big, progress=False)
+    mbs_v2 = stored(g2_big) / 1e6 / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    verify_segments(g1, g1.committed())
-    mbs_v1 = stored(g1) / 1e6 / (time.perf_counter() - t0)
-    h_v2 = 1e6 * sum(rows_by[key0][1].values()) / n_img / 1e6 / mbs_v2 / 3600
-    h_v1 = 1e6 * sum(rows_by[key0][0].values()) / n_img / 1e6 / mbs_v1 / 3600
+    verify_segments(g1_big, g1_big.committed())
+    mbs_v1 = stored(g1_big) / 1e6 / (time.perf_counter() - t0)
+    h_v2 = stored(g2_big) / len(big) * 1e6 / 1e6 / mbs_v2 / 3600
+    h_v1 = stored(g1_big) / len(big) * 1e6 / 1e6 / mbs_v1 / 3600
     print(f"verify: `logit_cache verify` (format 2) {mbs_v2:.0f} MB/s stored -> {h_v2:.1f} h per 1M image samples; "
           f"the trainer's format-1 open check (sha256) {mbs_v1:.0f} MB/s -> {h_v1:.1f} h per 1M format-1 image samples "
           f"(format 2 needs no such pass: every chunk read is crc-checked)")
@@ -463,6 +494,7 @@ def main():
     worst = max(errs, key=lambda e: e["err"])
     print(f"RESULT image_sample_kib={max(kib2):.1f} image_sample_kib_v1={np.mean(kib1):.1f} "
           f"image_sample_kib_typical={sum(rows_by[key0][1].values()) / n_img / KIB:.1f} "
+          f"image_sample_kib_compacted={by_clevel[COMPACT_CLEVEL][1]:.1f} writer_ms_per_image={by_clevel[DEFAULT_CLEVEL][0]:.1f} "
           f"image_sample_kib_rank_cap={cap_kib:.1f} rel_err={worst['err']:.2e} "
           f"rel_grad_err={max(e['grad_err'] for e in errs):.2e} "
           f"share_min={min(s.autocorr.share for rows in images.values() for s, _, _ in rows):.6f} "

@@ -14,7 +14,7 @@ from .encoding import ids_hi_bits, join_ids
 from .errors import CacheCorruptError
 from .layout import POSITION_KINDS, array_names, concat_records
 from .reader import CacheReader
-from .store import MANIFESTS, SEGMENTS, CacheGroup, Manifest, SegmentData, verify_manifest_arrays
+from .store import COMPACT_CLEVEL, MANIFESTS, SEGMENTS, CacheGroup, Manifest, SegmentData, verify_manifest_arrays
 
 DEFAULT_COMPACT_BYTES = 1 << 30  # encoded bytes per merged segment (held in memory while merging)
 
@@ -220,10 +220,11 @@ def _encoded_bytes(m: Manifest) -> int:
 
 
 def compact(group: CacheGroup, target_rows: int = 65536, small_rows: int | None = None,
-            target_bytes: int = DEFAULT_COMPACT_BYTES, progress: bool = True) -> list[str]:
+            target_bytes: int = DEFAULT_COMPACT_BYTES, clevel: int = COMPACT_CLEVEL, progress: bool = True) -> list[str]:
     """Merge committed segments smaller than ``small_rows`` (default target_rows // 2) into segments
     of up to ``target_rows`` samples and ``target_bytes`` encoded bytes (what is held in memory).
-    Samples are copied as stored (no decoding, so nothing is re-quantised). Each output segment's
+    Samples are copied as stored (no decoding, so nothing is re-quantised), recompressed at ``clevel``
+    (default 6: ~4 % smaller than the writers' fast default). Each output segment's
     manifest names the segments it replaces, so it is the single atomic commit point; the old
     segments are then deleted (gc finishes the job if this process dies first). Duplicate keys are
     dropped. Every input segment is verified against its manifest first. Returns the new segment ids."""
@@ -262,7 +263,7 @@ def compact(group: CacheGroup, target_rows: int = 65536, small_rows: int | None 
                     records.append(data.record(r))
                 bar.update(1)
         replaces = sorted({m.segment for m in batch} | {r for m in batch for r in all_manifests[m.segment].replaces})
-        out = group.write_segment(concat_records(records, group.meta), replaces=replaces)
+        out = group.write_segment(concat_records(records, group.meta), replaces=replaces, clevel=clevel)
         new.append(out.segment)
         for seg in replaces:  # committed above: removing the old ones is now only cleanup
             group.storage.rm(group.name, SEGMENTS, seg, recursive=True)

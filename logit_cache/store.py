@@ -39,7 +39,8 @@ from .storage import MissingChunkError, Storage
 
 SEGMENTS = "segments"
 MANIFESTS = "manifests"
-DEFAULT_CLEVEL = 6                 # Blosc clevel (zstd 11): bench/cache_io.py, 2% smaller than 5; 9 is ~10x slower
+DEFAULT_CLEVEL = 3                 # Blosc clevel of a writer (zstd 5): an image sample in ~6 ms of CPU, 4 % larger ...
+COMPACT_CLEVEL = 6                 # ... than clevel 6 (zstd 11, ~18 ms), which compact uses (bench/cache_io.py)
 DEFAULT_SEGMENT_ROWS = 4096        # samples per segment ...
 DEFAULT_SEGMENT_BYTES = 512 << 20  # ... or encoded bytes buffered (~2,400 image samples at Nv=728, k=64)
 
