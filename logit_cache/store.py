@@ -297,7 +297,9 @@ class CacheGroup:
         return SegmentData(self.meta, {n: a[...] for n, a in arrs.items() if names is None or n in names})
 
     def committed_keys(self) -> set[str]:
-        """Keys of every committed sample (one read of each segment's small key array)."""
+        """Keys of every committed sample (one read of each segment's small key array). Refuses a
+        group with a damaged manifest: a fill must not take that segment's samples for missing."""
+        self.check_no_damage()
         out: set[str] = set()
         for m in self.committed():
             try:

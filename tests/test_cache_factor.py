@@ -178,3 +178,26 @@ def test_teacher_runner_factor_against_its_dense_oracle(tiny_models, synth_dir):
         assert f.autocorr.share > 0.999 and f.autocorr.num_visual == info.num_visual_tokens
     with pytest.raises(ValueError, match="autocorr="):
         TeacherRunner(model, autocorr="triangle")
+
+
+def test_wire_sends_the_factor_verbatim_and_refuses_inconsistent_ranks():
+    """Wire version 2: the factor travels as stored (int8 codes + scales + share); a dense R (the
+    oracle path) is factorised on encode; a header whose rank exceeds Nv is a WireError."""
+    import json
+
+    from ckd_common.wire import (RESPONSE_MAGIC, WIRE_VERSION, TargetsResponse, WireError, decode_frame,
+                                 decode_response, encode_frame, encode_response)
+
+    assert WIRE_VERSION == 2
+    samples, _ = _batch(3, 40, 5, factor=True)
+    dense = SampleTargets("d" * 32, samples[1].text, samples[1].visual, dense_autocorr(samples[1].autocorr))
+    got = decode_response(encode_response(TargetsResponse([samples[0], dense], 4, 40, "fp"))).targets
+    f = got[0].autocorr
+    assert np.array_equal(f.codes, samples[0].autocorr.codes) and np.array_equal(f.scale, samples[0].autocorr.scale)
+    assert f.share == samples[0].autocorr.share
+    d = got[1].autocorr
+    assert isinstance(d, AutocorrFactor) and d.share > 0.999
+    meta, arrays = decode_frame(encode_response(TargetsResponse(samples[:1], 4, 40, "fp")), RESPONSE_MAGIC)
+    meta["samples"][0]["autocorr_rank"] = 6  # > num_visual = 5
+    with pytest.raises(WireError, match="autocorr_rank"):
+        decode_response(encode_frame(RESPONSE_MAGIC, json.loads(json.dumps(meta)), dict(arrays)))

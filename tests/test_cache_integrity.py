@@ -83,6 +83,8 @@ def test_truncated_manifest_fails_verify_and_survives_gc(tmp_path, capsys):
     assert f"{seg}.json is damaged" in capsys.readouterr().err
     with pytest.raises(CacheCorruptError, match="gc --remove-damaged"):
         CacheReader(g)  # a trainer must not silently train without (or with) that segment
+    with pytest.raises(CacheCorruptError, match=seg):
+        g.committed_keys()  # nor a resumed fill take its samples for missing
     rep = gc(g, min_age_s=0)
     assert seg not in rep["removed_uncommitted"] and rep["kept_damaged"] == [seg]
     assert seg not in gc(g, min_age_s=0, dry_run=True)["removed_uncommitted"]

@@ -82,6 +82,11 @@ def test_round_trip(tmp_path, enc):
     seq = {t.key: t for t in r.iter_samples()}
     assert set(seq) == {s.key for s in samples}
     assert verify(g, progress=False)["samples"] == 40
+    rep = info(g)
+    assert rep["format_version"] == 2 and rep["image_samples"] == sum(s.visual is not None for s in samples)
+    assert rep["bytes_per_image_sample"] > 0 and rep["stored_bytes_by_array"]["autocorr"] > 0
+    fac = rep["autocorr_factor"]
+    assert 0 < fac["rank_max"] <= NV and 0.999 < fac["share_min"] <= 1 and fac["worst_rel_loss_error_bound"] < 0.07
 
 
 def test_padding_and_exact_ids_wide_vocab(tmp_path):
