@@ -25,10 +25,13 @@ do not check keys) and ``samples`` = ``[{"key", "id", "length", "visual_start", 
 server decodes and preprocesses them, so the key's image hash is checkable).
 
 Response meta: ``k``, ``vocab_limit``, ``teacher_fingerprint`` and ``samples`` = ``[{"key",
-"num_text", "num_visual"}]``. Arrays: ``ids`` <i4 [N, k], ``logprobs`` <f4 [N, k], ``tail`` <f4 [N]
-with N = sum(num_text + num_visual) rows ordered sample by sample, text rows then visual rows; and
-``autocorr`` <f4 [sum Nv(Nv+1)/2]: the upper triangle (diagonal included, row-major) of each image
-sample's normalised autocorrelation, in sample order.
+"num_text", "num_visual", "autocorr_rank", "autocorr_share"}]``. Arrays: ``ids`` <i4 [N, k],
+``logprobs`` <f4 [N, k], ``tail`` <f4 [N] with N = sum(num_text + num_visual) rows ordered sample by
+sample, text rows then visual rows; and each image sample's normalised autocorrelation as its
+low-rank factor (ckd_common.targets.AutocorrFactor), in sample order: ``autocorr_codes`` |i1
+[sum rank * num_visual] (sample by sample, the rank x Nv codes row-major: row j is column j of U),
+``autocorr_scale`` <f4 [sum rank]. A sample without ``autocorr_rank`` (or null) has no
+autocorrelation. Wire version 2; version 1 sent the float32 upper triangle instead.
 """
 from __future__ import annotations
 
@@ -39,11 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckd_common.targets import SampleTargets, SparseTopK
+from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK
 
 REQUEST_MAGIC = b"CKDQ"
 RESPONSE_MAGIC = b"CKDR"
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: the autocorrelation travels as its int8 low-rank factor
 CONTENT_TYPE_REQUEST = "application/x-ckd-targets-request"
 CONTENT_TYPE_RESPONSE = "application/x-ckd-targets"
 MAX_HEADER_BYTES = 64 << 20  # a header this large is a broken or hostile frame, not a real request
@@ -251,19 +254,6 @@ def decode_request(data: bytes | bytearray | memoryview) -> TargetsRequest:
 # responses
 
 
-def triu_pack(r: np.ndarray) -> np.ndarray:
-    """[Nv, Nv] symmetric -> upper triangle (diagonal included), row-major."""
-    return np.asarray(r)[np.triu_indices(r.shape[0])]
-
-
-def triu_unpack(flat: np.ndarray, nv: int) -> np.ndarray:
-    out = np.zeros((nv, nv), dtype=np.float32)
-    iu = np.triu_indices(nv)
-    out[iu] = flat
-    out.T[iu] = flat
-    return out
-
-
 @dataclass
 class TargetsResponse:
     targets: list[SampleTargets]
@@ -273,26 +263,41 @@ class TargetsResponse:
 
 
 def encode_response(resp: TargetsResponse) -> bytes:
+    """Targets -> frame. A dense autocorrelation (the teacher's oracle path) is factorised here,
+    on the host: servers hand over AutocorrFactors, so this costs them nothing."""
     k = int(resp.k)
-    metas, ids, lps, tails, acs = [], [], [], [], []
+    metas, ids, lps, tails, codes, scales = [], [], [], [], [], []
     for s in resp.targets:
         nv = s.visual.num_positions if s.visual is not None else 0
-        metas.append({"key": s.key, "num_text": s.text.num_positions, "num_visual": nv,
-                      "autocorr": s.autocorr is not None})
+        m = {"key": s.key, "num_text": s.text.num_positions, "num_visual": nv}
         for part in (s.text, s.visual):
             if part is not None:
                 ids.append(part.ids)
                 lps.append(part.logprobs)
                 tails.append(part.tail)
         if s.autocorr is not None:
-            acs.append(triu_pack(s.autocorr))
+            f = _as_factor(s.autocorr)
+            if f.num_visual != nv:
+                raise ValueError(f"sample {s.key}: autocorr factor has {f.num_visual} rows, {nv} visual positions")
+            m.update(autocorr_rank=f.rank, autocorr_share=f.share)
+            codes.append(f.codes.reshape(-1))
+            scales.append(f.scale)
+        metas.append(m)
     cat = (lambda xs, dt, shape: np.concatenate([np.asarray(x, dtype=dt) for x in xs]) if xs
            else np.zeros(shape, dt))
     arrays = {"ids": cat(ids, "<i4", (0, k)), "logprobs": cat(lps, "<f4", (0, k)), "tail": cat(tails, "<f4", (0,)),
-              "autocorr": cat(acs, "<f4", (0,))}
+              "autocorr_codes": cat(codes, "|i1", (0,)), "autocorr_scale": cat(scales, "<f4", (0,))}
     meta = {"k": k, "vocab_limit": int(resp.vocab_limit), "teacher_fingerprint": resp.teacher_fingerprint,
             "samples": metas}
     return encode_frame(RESPONSE_MAGIC, meta, arrays)
+
+
+def _as_factor(autocorr) -> AutocorrFactor:
+    if isinstance(autocorr, AutocorrFactor):
+        return autocorr
+    from ckd_common.kd.relation import factor_dense  # torch: only for the dense oracle path
+
+    return factor_dense(autocorr)
 
 
 def decode_response(data: bytes | bytearray | memoryview) -> TargetsResponse:
@@ -302,18 +307,24 @@ def decode_response(data: bytes | bytearray | memoryview) -> TargetsResponse:
         k = int(meta["k"])
         metas = list(meta["samples"])
         counts = [(str(m["key"]), int(m["num_text"]), int(m["num_visual"]),
-                   bool(m.get("autocorr", m["num_visual"] > 0))) for m in metas]
+                   None if m.get("autocorr_rank") is None else int(m["autocorr_rank"]),
+                   float(m.get("autocorr_share") or 0.0)) for m in metas]
     except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"response header is missing or has a malformed field ({e})") from None
-    rows = sum(t + v for _, t, v, _ in counts)
+    if any(r is not None and (r < 0 or r > nv or not 0.0 <= s <= 1.0) for _, _, nv, r, s in counts):
+        raise WireError("response header: an autocorr_rank outside [0, num_visual] or a share outside [0, 1]")
+    rows = sum(t + v for _, t, v, _, _ in counts)
     ids = _require(arrays, "ids", rows, "num_text + num_visual")
     lps = _require(arrays, "logprobs", rows, "num_text + num_visual")
     tail = _require(arrays, "tail", rows, "num_text + num_visual")
-    ac = _require(arrays, "autocorr", sum(v * (v + 1) // 2 for _, _, v, a in counts if a), "autocorr sizes")
+    codes = _require(arrays, "autocorr_codes", sum(v * r for _, _, v, r, _ in counts if r), "autocorr sizes")
+    scale = _require(arrays, "autocorr_scale", sum(r for _, _, _, r, _ in counts if r), "autocorr ranks")
     if ids.ndim != 2 or ids.shape[1] != k or lps.shape != ids.shape:
         raise WireError(f"ids {ids.shape} / logprobs {lps.shape} are not [N, k={k}]")
-    out, row, a = [], 0, 0
-    for key, nt, nv, has_ac in counts:
+    if codes.dtype != np.int8 or scale.dtype != np.float32:
+        raise WireError(f"autocorr_codes {codes.dtype} / autocorr_scale {scale.dtype} must be |i1 / <f4")
+    out, row, a, c = [], 0, 0, 0
+    for key, nt, nv, rank, share in counts:
         text = SparseTopK(ids[row:row + nt].astype(np.int64), lps[row:row + nt].copy(), tail[row:row + nt].copy())
         row += nt
         visual = autocorr = None
@@ -321,10 +332,9 @@ def decode_response(data: bytes | bytearray | memoryview) -> TargetsResponse:
             visual = SparseTopK(ids[row:row + nv].astype(np.int64), lps[row:row + nv].copy(),
                                 tail[row:row + nv].copy())
             row += nv
-        if has_ac and nv:
-            m = nv * (nv + 1) // 2
-            autocorr = triu_unpack(ac[a:a + m], nv)
-            a += m
+        if rank is not None and nv:
+            autocorr = AutocorrFactor(codes[a:a + rank * nv].reshape(rank, nv).copy(), scale[c:c + rank].copy(), share)
+            a, c = a + rank * nv, c + rank
         out.append(SampleTargets(key, text, visual, autocorr))
     return TargetsResponse(out, k, int(meta.get("vocab_limit") or 0), str(meta.get("teacher_fingerprint", "")))
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from ckd_common.targets import SampleTargets, SparseTopK
+from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK
 from ckd_common.wire import (RESPONSE_MAGIC, TargetsRequest, TargetsResponse, WireError, WireSample, decode_frame,
                              decode_request, decode_response, encode_request, encode_response)
 
@@ -32,15 +32,14 @@ def test_request_roundtrip():
 
 def test_response_roundtrip_is_exact():
     rng = np.random.default_rng(1)
-    k, nv = 8, 6
-    ac = rng.normal(size=(nv, nv)).astype(np.float32)
-    ac = (ac + ac.T) / 2
+    k, nv, rank = 8, 6, 3
+    ac = AutocorrFactor(rng.integers(-127, 128, (rank, nv)).astype(np.int8), rng.random(rank).astype(np.float32), 0.9)
     ts = [SampleTargets("a" * 32, _topk(rng, 5, k, 100), _topk(rng, nv, k, 100), ac),
           SampleTargets("b" * 32, _topk(rng, 3, k, 100)),
           SampleTargets("c" * 32, _topk(rng, 0, k, 100))]
     data = encode_response(TargetsResponse(ts, k, 100, "fp"))
     meta, arrays = decode_frame(data, RESPONSE_MAGIC)
-    assert arrays["autocorr"].size == nv * (nv + 1) // 2  # upper triangle only
+    assert arrays["autocorr_codes"].size == rank * nv and arrays["autocorr_scale"].size == rank  # the factor only
     got = decode_response(data)
     assert got.teacher_fingerprint == "fp" and got.vocab_limit == 100
     for a, b in zip(ts, got.targets):
@@ -51,7 +50,10 @@ def test_response_roundtrip_is_exact():
                 np.testing.assert_array_equal(pa.ids, pb.ids)
                 np.testing.assert_array_equal(pa.logprobs, pb.logprobs)
                 np.testing.assert_array_equal(pa.tail, pb.tail)
-    np.testing.assert_array_equal(got.targets[0].autocorr, ac)
+    f = got.targets[0].autocorr
+    np.testing.assert_array_equal(f.codes, ac.codes)
+    np.testing.assert_array_equal(f.scale, ac.scale)
+    assert f.share == ac.share
     assert got.targets[1].autocorr is None
 
 

@@ -2,7 +2,8 @@
 
 Request handlers enqueue samples and await futures; one worker thread forms batches across all
 concurrent requests and runs :class:`ckd_common.teacher.TeacherRunner` (prefill only, top-k +
-tail and the Gram-trick autocorrelation on device, one host transfer per batch).
+tail and the Gram-trick autocorrelation on device, the autocorrelation factorised there too, one host
+transfer per batch).
 
 Batching: the oldest waiting sample anchors the next batch (so nothing starves); among waiting
 samples with the same (k, vocab_limit) it adds the ones closest in length (sorted by length, so
