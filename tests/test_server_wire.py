@@ -74,8 +74,10 @@ def _frame(header_json: bytes, payload: bytes = b"") -> bytes:
     """A request frame around a hand-written header (what a broken or hostile client sends)."""
     import struct
 
+    from ckd_common.wire import WIRE_VERSION
+
     header_json += b" " * ((-(12 + len(header_json))) % 8)
-    return struct.pack("<4sII", b"CKDQ", 1, len(header_json)) + header_json + payload
+    return struct.pack("<4sII", b"CKDQ", WIRE_VERSION, len(header_json)) + header_json + payload
 
 
 def _header(arrays, samples=None) -> bytes:
