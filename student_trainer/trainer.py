@@ -25,7 +25,7 @@ import torch
 
 from ckd_common.kd import KDWeights, fused_kd_loss, lm_head_gram
 from student_trainer import checkpoint as ckpt
-from student_trainer.config import CONFIG_FILE, TrainConfig
+from student_trainer.config import CONFIG_FILE, GC_AUTO_MIN_LLM_PARAMS, TrainConfig
 from student_trainer.data import (MicroBatches, TrainerError, build_schedule, expected_cache_meta, join_targets,
                                   make_loader, open_cache)
 from student_trainer.feedback import CURVE, SUMMARY, Feedback, plot_curve, read_metrics, summarize
@@ -69,16 +69,46 @@ def part_modules(vlm) -> dict[str, list[torch.nn.Module]]:
             "llm": [vlm.model.language_model, vlm.lm_head]}
 
 
+def unique_numel(modules) -> int:
+    """Parameters of ``modules`` counted once each: a tied lm_head IS embed_tokens' tensor."""
+    return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
+
+
 def set_trainable(vlm, trainable: tuple[str, ...]) -> dict[str, int]:
-    """Freeze everything, then unfreeze the step's parts; the vision tower always stays frozen."""
+    """Freeze everything, then unfreeze the step's parts; the vision tower always stays frozen.
+    Returns the parameters of each part (a tied head counted once)."""
     vlm.requires_grad_(False)
     counts = {}
     for part, mods in part_modules(vlm).items():
         on = part in trainable and part != "vision"
         for m in mods:
             m.requires_grad_(on)
-        counts[part] = sum(p.numel() for m in mods for p in m.parameters())
+        counts[part] = unique_numel(mods)
     return counts
+
+
+def use_gradient_checkpointing(vlm, setting: bool | None) -> tuple[bool, str]:
+    """Turn activation checkpointing of the LLM's decoder layers on or off (``None``: auto, on for an
+    LLM of >= GC_AUTO_MIN_LLM_PARAMS parameters); returns (on, why) for the banner.
+
+    Non-reentrant torch checkpointing: it needs no input that requires grad (DPT trains the connector
+    only, so the LLM's own parameters are frozen), composes with DeepSpeed ZeRO-3's parameter hooks,
+    and leaves the final norm and the fused loss outside the recompute. transformers checkpoints only
+    modules in training mode: the trainer puts the model in train() (from_pretrained returns eval()).
+    """
+    llm = vlm.model.language_model
+    n = unique_numel([llm])
+    on = n >= GC_AUTO_MIN_LLM_PARAMS if setting is None else bool(setting)
+    why = (f"auto: LLM {n / 1e6:.1f}M parameters {'>=' if on else '<'} {GC_AUTO_MIN_LLM_PARAMS // 10**6}M"
+           if setting is None else "--gradient-checkpointing" if on else "--no-gradient-checkpointing")
+    new_names = hasattr(llm, "activation_checkpointing_enable")  # transformers 5.2x renamed them (old names warn)
+    if not on:
+        llm.activation_checkpointing_disable() if new_names else llm.gradient_checkpointing_disable()
+    elif new_names:
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return on, why
 
 
 class StudentLoss(torch.nn.Module):
@@ -206,8 +236,8 @@ def train(cfg: TrainConfig) -> RunResult:
 
     # -- engine --------------------------------------------------------------------------------
     counts = set_trainable(vlm, spec.trainable)
-    if cfg.gradient_checkpointing:
-        vlm.model.language_model.gradient_checkpointing_enable()
+    grad_ckpt, grad_ckpt_why = use_gradient_checkpointing(vlm, cfg.gradient_checkpointing)
+    vlm.train()  # from_pretrained returns eval(): checkpointing (and any dropout) only acts in training mode
     vlm.model.vision_tower.eval()  # frozen; no dropout either way
     module = StudentLoss(vlm, cfg.chunk_size, cfg.rel_variant, head_trainable="llm" in spec.trainable)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -240,7 +270,8 @@ def train(cfg: TrainConfig) -> RunResult:
               f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.micro_batch} x {gas} accumulation x {world} = global "
               f"{cfg.global_batch}; {len(samples)} samples -> {total_steps} steps "
               f"({schedule.dropped_per_epoch} per epoch left out of the last partial batch); warm-up {warmup}\n"
-              f"  parts: {trainable}"
+              f"  parts: {trainable} (a tied lm_head counted once); gradient checkpointing "
+              f"{'on' if grad_ckpt else 'off'} ({grad_ckpt_why})"
               + (f"\n  cache: {reader.group.url} (k={reader.meta.k}, {len(reader)} samples)" if reader else "")
               + (f"\n  resuming from {resume_from} at step {start_step}" if resume_from else ""))
 
