@@ -152,6 +152,27 @@ def _counts(samples, idx, has_vis: bool, has_rel: bool) -> tuple[int, int, int]:
     return n_t, n_v, n_r
 
 
+def _find_resumable(out: Path, is0: bool, world: int) -> Path:
+    """The newest checkpoint of ``out`` that loads; damaged newer ones are named and skipped (kept on
+    disk). Rank 0 reads the files and tells the others, so every rank resumes from the same one."""
+    found = [ckpt.find_resumable(out) if is0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    resume_from, skipped = found[0]
+    if resume_from is None and skipped:
+        damaged = "; ".join(f"{d.name}: {why}" for d, why in skipped)
+        raise TrainerError(f"--resume: no checkpoint in {out} loads ({damaged}); nothing was changed. Fix: restore "
+                           f"one of them from a copy, or start afresh without --resume in a new --out")
+    if resume_from is None:
+        raise TrainerError(f"--resume: {out} holds no complete checkpoint to resume from "
+                           f"(run without --resume to start, or use --save-every to write periodic checkpoints)")
+    if is0:
+        for d, why in skipped:
+            print(f"student_trainer: --resume: skipping {d}: {why} (left in place); resuming from the newest "
+                  f"checkpoint that loads, {resume_from}")
+    return resume_from
+
+
 def _ds_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     return {
         "train_batch_size": cfg.global_batch,
@@ -190,10 +211,7 @@ def train(cfg: TrainConfig) -> RunResult:
     _barrier()
     resume_from = None
     if cfg.resume:
-        resume_from = ckpt.latest_resumable(out)
-        if resume_from is None:
-            raise TrainerError(f"--resume: {out} holds no complete checkpoint to resume from "
-                               f"(run without --resume to start, or use --save-every to write periodic checkpoints)")
+        resume_from = _find_resumable(out, is0, world)
         saved = TrainConfig.load(resume_from / CONFIG_FILE).resolved()
         diffs = cfg.resume_differences(saved)
         if diffs:
@@ -252,8 +270,13 @@ def train(cfg: TrainConfig) -> RunResult:
 
     start_step = 0
     if resume_from is not None:
-        load_path, client = engine.load_checkpoint(str(resume_from / ckpt.DS_DIR), tag=ckpt.DS_TAG,
-                                                   load_module_strict=False)
+        try:
+            load_path, client = engine.load_checkpoint(str(resume_from / ckpt.DS_DIR), tag=ckpt.DS_TAG,
+                                                       load_module_strict=False)
+        except Exception as e:  # checked beforehand (ckpt.damage); what is left is e.g. another model's state
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TrainerError(f"--resume: DeepSpeed could not load {resume_from / ckpt.DS_DIR} "
+                               f"({type(e).__name__}: {first}); was it written by this model and step?") from None
         if load_path is None:
             raise TrainerError(f"--resume: DeepSpeed could not load {resume_from / ckpt.DS_DIR}")
         start_step = int(client["step"])
