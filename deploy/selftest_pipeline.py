@@ -74,10 +74,13 @@ class Measured:
         except OSError:
             return ""
 
+    def last_line(self) -> str:
+        return next((ln.strip() for ln in reversed(self.tail().splitlines()) if ln.strip()), "")
+
     def check(self, what: str) -> "Measured":
         if self.rc != 0:
-            why = "killed (out of memory?)" if self.rc in (-9, 137) else f"exit code {self.rc}"
-            raise ProbeError(f"{what} failed ({why}); log {self.log}:\n{self.tail()}")
+            why = "killed (out of memory or time limit?)" if self.rc in (-9, 137) else f"exit code {self.rc}"
+            raise ProbeError(f"{what} failed ({why}): {self.last_line()[:300]} (log {self.log})")
         return self
 
 
@@ -195,10 +198,12 @@ def start_server(model: Path, device: str, workdir: Path, env: dict, *extra: str
 
 # ---------------------------------------------------------------------------------------------
 # the commands
-def prepare(model: Path, data: Path, images: Path, template: str, log: Path, env: dict) -> tuple[Measured, float | None]:
+def prepare(model: Path, data: Path, images: Path, template: str, log: Path, env: dict,
+            timeout_s: float | None = None) -> tuple[Measured, float | None]:
     """``ckd data prepare``; returns the run and the samples/s its progress bar reported (None if none)."""
     m = run_measured(python("-m", "ckd_common", "data", "prepare", "--model", str(model), "--data", str(data),
-                            "--images", str(images), "--template", template), log, env).check(f"ckd data prepare {data}")
+                            "--images", str(images), "--template", template), log, env,
+                     timeout_s).check(f"ckd data prepare {data}")
     return m, progress_rate(m.log.read_text(errors="replace"))
 
 
@@ -212,16 +217,17 @@ def progress_rate(text: str) -> float | None:
 
 
 def fill(server_urls: list[str], data: Path, images: Path, template: str, k: int, cache: Path, log: Path,
-         env: dict) -> Measured:
+         env: dict, timeout_s: float | None = None) -> Measured:
     cmd = python("-m", "logit_cache", "fill", *[a for u in server_urls for a in ("--server", u)], "--data", str(data),
                  "--images", str(images), "--template", template, "--k", str(k), "--out", str(cache),
                  "--no-progress")
-    return run_measured(cmd, log, env).check(f"logit_cache fill {data}")
+    return run_measured(cmd, log, env, timeout_s).check(f"logit_cache fill {data}")
 
 
 def train(step: str, model: Path, data: Path, images: Path, out: Path, log: Path, env: dict, *,
           cache: Path | None = None, global_batch: int = 1, micro_batch: int = 1, max_steps: int = 1,
-          extra: tuple[str, ...] = (), launcher: tuple[str, ...] = ()) -> tuple[Measured, list[dict]]:
+          extra: tuple[str, ...] = (), launcher: tuple[str, ...] = (),
+          timeout_s: float | None = None) -> tuple[Measured, list[dict]]:
     """One ``student_trainer`` run; returns it and its metrics.jsonl records."""
     from student_trainer.config import STEPS
 
@@ -231,7 +237,7 @@ def train(step: str, model: Path, data: Path, images: Path, out: Path, log: Path
            "--global-batch", str(global_batch), "--micro-batch", str(micro_batch), "--max-steps", str(max_steps),
            "--num-workers", "0", "--no-progress", "--no-tensorboard",
            *(("--cache", str(cache)) if cache is not None else ()), *extra]
-    m = run_measured(cmd, log, env)
+    m = run_measured(cmd, log, env, timeout_s)
     return m, read_metrics(out)
 
 
