@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     # the trainer sees GPU 0 only (its rank 0); the server is told cuda:0
     env_train, env_serve = P.child_env("cuda:0" if device == "cuda" else "cpu"), P.child_env(device)
     t_all = time.perf_counter()
-    print(f"device {device}; shapes {a.shapes}, strategy {a.strategy}; workdir {work}")
+    print(f"device {device}; shapes {a.shapes}, strategy {a.strategy}; workdir {work}; {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f} (CPU timings scale with the machine's other load)")
     try:
         student, teacher = build_models(a.shapes, a.strategy, work, env_serve)
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print("| micro-batch | gradient checkpointing | s/step | peak RSS (GiB) |\n|---|---|---|---|")
             for (mb, gc), (s, rss) in table.items():
                 print(f"| {mb} | {gc} | {s:.1f} | {rss:.2f} |")
-        print(f"whole rehearsal: {time.perf_counter() - t_all:.0f}s")
+        print(f"whole rehearsal: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}")
         dft_s, dft_rss = results["dft"]
         print(f"RESULT image_sample_kib={image_kib:.1f} text_position_bytes={text_pos_b:.1f} rel_err=0 "
               f"prepare_samples_per_s={prepare_rate:.1f} fill_s_per_sample={fill_s:.2f} "
