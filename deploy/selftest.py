@@ -355,7 +355,15 @@ def _run_checks(st: Selftest) -> None:
         tol = 2e-2 if cfg.cuda else 1e-4  # bf16 on GPU
         if abs(a - b) > tol * max(1.0, abs(b)):
             raise SelftestFailure(f"ZeRO-3 loss {a:.6f} differs from ZeRO-2's {b:.6f}")
-        return f"same loss as ZeRO-2 ({a:.5f} vs {b:.5f}); " + detail
+        # the loss is the forward; the update is the optimizer step: compare what both saved
+        w2, w3, w0 = (_some_weights(d) for d in (runs / "dft" / "final", runs / "dft-zero3" / "final", student))
+        for name in w2:
+            scale = max(float(w2[name].abs().max()), 1e-6)
+            if float((w3[name] - w2[name]).abs().max()) > tol * scale:
+                raise SelftestFailure(f"after one step, {name} differs between ZeRO-3 and ZeRO-2")
+        moved = sum(not bool((w2[n] == w0[n]).all()) for n in w2)
+        return (f"same loss ({a:.5f} vs {b:.5f}) and the same updated weights ({len(w2)} tensors, {moved} moved by "
+                f"the step) as ZeRO-2; " + detail)
 
     st.check("train dft ZeRO-3", zero3, needs=("train dft",))
 
@@ -379,6 +387,26 @@ def _run_checks(st: Selftest) -> None:
                 f"{r['vocab']}); --resume continued to the same step-2 loss ({again[1]['total']:.5f}); " + detail)
 
     st.check("checkpoint round trip", round_trip, needs=("train pt",))
+
+
+WEIGHT_PROBES = ("model.multi_modal_projector.linear_2.weight", "model.language_model.layers.0.self_attn.q_proj.weight",
+                 "model.language_model.layers.0.mlp.down_proj.weight", "model.language_model.norm.weight")
+
+
+def _some_weights(model_dir: Path) -> dict:
+    """A few trained tensors of a saved model (connector, first LLM layer, final norm), read lazily."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in WEIGHT_PROBES:
+                if name in st.keys():
+                    out[name] = st.get_tensor(name).float()
+    missing = set(WEIGHT_PROBES) - set(out)
+    if missing:
+        raise SelftestFailure(f"{model_dir}: no tensor {sorted(missing)[0]} in its safetensors files")
+    return out
 
 
 def _free_port() -> int:
