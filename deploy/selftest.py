@@ -189,8 +189,7 @@ def _run_checks(st: Selftest) -> None:
     logs = work / "logs"
     cpu_env = P.child_env("cpu")
     all_env = P.child_env("cuda") if cfg.cuda or any(d != "cpu" for d in cfg.teacher_device) else cpu_env
-    train_env = cpu_env if not cfg.cuda else {
-        **all_env, "CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in cfg.device)}
+    train_env = P.child_env(cfg.device)  # cuda:N... renumbered from 0: the trainer's rank r uses cuda:r
     timeout = cfg.timeout_s
 
     # -- the machine ---------------------------------------------------------------------------
@@ -318,8 +317,8 @@ def _run_checks(st: Selftest) -> None:
     servers.clear()
 
     # -- training ------------------------------------------------------------------------------
-    launcher = ("torchrun", "--nproc_per_node", str(cfg.ranks), "--master_port", str(_free_port())) \
-        if cfg.ranks > 1 else ()
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.ranks), "--master_port",
+                str(_free_port())) if cfg.ranks > 1 else ()
     runs = work / "runs"
     results: dict[str, list[dict]] = {}
 

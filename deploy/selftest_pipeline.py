@@ -26,19 +26,29 @@ class ProbeError(RuntimeError):
     """A command of the pipeline failed (the message names it and the end of its log)."""
 
 
-def child_env(device: str, threads: int | None = None) -> dict:
-    """The environment of a child on ``device`` (``cpu``, ``cuda`` or ``cuda:N``): offline, its own
-    DeepSpeed build directory (docs/environment.md §2), and the GPU it may see."""
+def visible_devices(devices: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES for a child that should see ``devices`` (``cuda:N`` as this process numbers
+    them, i.e. through its own CUDA_VISIBLE_DEVICES when that is set)."""
+    mine = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    idx = [int(d.split(":")[1]) if ":" in d else 0 for d in devices]
+    return ",".join(mine[i] if i < len(mine) else str(i) for i in idx)
+
+
+def child_env(device: str | list[str], threads: int | None = None) -> dict:
+    """The environment of a child on ``device`` (``cpu``; ``cuda`` = every GPU; ``cuda:N`` or a list of
+    them = those GPUs only, renumbered from 0): offline, its own DeepSpeed build directory
+    (docs/environment.md §2)."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    if device == "cpu":
+    devices = [device] if isinstance(device, str) else list(device)
+    if devices == ["cpu"]:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    elif device.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+    elif devices != ["cuda"]:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(devices)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
