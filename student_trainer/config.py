@@ -57,6 +57,10 @@ LLAVA_KD_STEPS = recipe_steps("llava-kd")    # DPT -> SFT -> DFT: one distillati
 TRAIN_STEPS = ("pt", "ft", "sft")      # `student_trainer train`
 DISTILL_STEPS = ("dpt", "dft")         # `student_trainer distill` (+ 'all' = dpt -> sft -> dft)
 PRECISIONS = ("auto", "fp32", "bf16")
+# gradient_checkpointing unset (auto): on for LLMs of at least this many parameters. Qwen2.5-0.5B (494M)
+# needs it to train at micro-batch 2 in 24 GiB (docs/environment.md §4); a few-million-parameter LLM
+# gains nothing from it but the recompute.
+GC_AUTO_MIN_LLM_PARAMS = 100_000_000
 ON_MISSING = ("error", "skip")
 
 # The command line's option groups (ckd_common.config.add_arguments); `train` has no TEACHER_GROUP.
@@ -113,7 +117,10 @@ class TrainConfig(CommandConfig):
     # engine
     zero_stage: int = _opt(2, group="engine", choices=(0, 1, 2, 3))
     precision: str = _opt("auto", group="engine", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
-    gradient_checkpointing: bool = _opt(False, group="engine", help="recompute LLM activations in the backward")
+    gradient_checkpointing: bool | None = _opt(
+        None, group="engine", help="recompute the LLM's activations in the backward (less memory, ~1/3 more compute); "
+        f"default: auto = on when the LLM has >= {GC_AUTO_MIN_LLM_PARAMS // 10**6}M parameters (real-size models), "
+        "off for smaller ones (the tiny presets)")
     # loss (alpha ce, beta kl_text, gamma kl_vis, delta rel); None -> 1 with a teacher, 0 without
     alpha: float | None = _opt(None, group="loss", help="default 1 (always)")
     beta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
@@ -265,8 +272,10 @@ class TrainConfig(CommandConfig):
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # fields that may differ between a run and its --resume (everything else must match)
+    # (gradient checkpointing only trades memory for compute: the same losses and gradients, tested;
+    # `prepared` is where the prepared data was found: the training set's hash guards its content)
     RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "save_every", "keep_last",
-                   "prepared")  # where the prepared data was found: the training set's hash guards its content
+                   "prepared", "gradient_checkpointing")
 
     def resume_differences(self, saved: "TrainConfig") -> list[str]:
         a, b = self.to_dict(), saved.to_dict()
@@ -275,4 +284,5 @@ class TrainConfig(CommandConfig):
 
 
 __all__ = ["STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS", "DISTILL_STEPS",
-           "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS", "LLAVA_KD_STEPS"]
+           "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS", "LLAVA_KD_STEPS",
+           "GC_AUTO_MIN_LLM_PARAMS"]
