@@ -349,3 +349,35 @@ def test_fused_no_nan_extreme_logits_for_every_objective():
         grads = torch.autograd.grad(out["total"], (h, w))
         assert all(torch.isfinite(out[k]).all() for k in KEYS), obj
         assert all(torch.isfinite(g).all() for g in grads), obj
+
+
+@pytest.mark.parametrize("obj", OBJECTIVES + FUSED_OBJECTIVES, ids=OBJ_IDS + FUSED_IDS)
+def test_fused_edge_targets_empty_tail_full_tail_padding_no_mass(obj):
+    """Cached rows at the edges, through the fused kernel and the autograd path: finite and equal."""
+    from ckd_common.kd import response_mask
+    from ckd_common.targets import SampleTargets, SparseTopK
+
+    bt = make_batch(lengths=(12, 10), spans=(None, None), vocab=9, dim=4)
+    n_rows = response_mask(bt["labels"]).sum(1).tolist()
+    edge_ids = np.array([[0, 1, 2], [3, 4, 0], [5, 6, 7], [0, 0, 0], [8, 2, 1]])
+    edge_lp = np.array([[math.log(0.7), math.log(0.2), math.log(0.1)],  # tau = 0, ids outside K
+                        [math.log(0.6), math.log(0.3), -np.inf],        # padding
+                        [-40.0, -41.0, -42.0],                          # a tail of 1
+                        [-np.inf] * 3,                                  # no teacher mass
+                        [math.log(0.5), math.log(0.2), math.log(0.1)]], np.float32)
+    edge_tail = np.array([0.0, 0.1, 1.0, 0.0, 0.2], np.float32)
+    samples = []
+    for b, n in enumerate(n_rows):
+        pick = np.arange(n) % len(edge_ids)
+        samples.append(SampleTargets(f"s{b}", SparseTopK(edge_ids[pick], edge_lp[pick], edge_tail[pick])))
+    batch = collate_targets(samples)
+    h = bt["hidden"].float().clone().requires_grad_()
+    w = bt["weight"].float().clone().requires_grad_()
+    fused = fused_kd_loss(h, w, bt["labels"], batch, None, objective=obj, chunk_size=4)
+    g1 = torch.autograd.grad(fused["total"], (h, w))
+    dense = kd_loss_from_logits(h @ w.T, bt["labels"], batch, None, objective=obj)
+    g2 = torch.autograd.grad(dense["total"], (h, w))
+    assert all(torch.isfinite(fused[k]).all() for k in KEYS) and all(torch.isfinite(g).all() for g in g1 + g2)
+    assert_dicts_close(fused, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
