@@ -26,6 +26,7 @@ fused.py            fused_kd_loss(hidden, weight, labels, targets, visual_start,
 reference.py        TEST ORACLES (never used in training)
     llava_kd_loss_dense(student_logits, teacher_logits, labels, visual_mask, weights, rel_variant)
     kd_loss_from_logits(logits, labels, targets, visual_start, ...)   fused_kd_loss, dense logits
+    dense_divergence(log_p, log_q, divergence, beta)        -> TRL-style full-distribution divergence
 
 Conventions shared by every function of this package
 ----------------------------------------------------
