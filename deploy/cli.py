@@ -4,6 +4,7 @@
   ckd data synth|prepare ...                 (ckd_common)
   ckd fill --server URL --data F --out ROOT  fill a logit cache from teacher servers (= logit_cache fill)
   ckd cascade CONFIG.yaml                    a whole cascade: servers, caches, training, eval
+  ckd gap --model S --cache C --data F       a student's capacity gap to a cached teacher (held-out slice)
   ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
   ckd selftest [--device D] [--tiny]         check this machine before a long job (pass/fail table)
 """
@@ -29,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
                                       "servers (= logit_cache fill)", description=fill_doc))
     casc = sub.add_parser("cascade", help="run a cascade (student <- TA <- Teacher) from a YAML config")
     casc.add_argument("config", help="cascade YAML (see deploy/README.md and deploy/examples/)")
+    from student_trainer.gap import __doc__ as gap_doc
+    from student_trainer.gap import add_gap_arguments
+
+    add_gap_arguments(sub.add_parser("gap", help="a student's gap to a cached teacher on the held-out slice",
+                                     description=gap_doc, formatter_class=argparse.RawDescriptionHelpFormatter))
     demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
@@ -73,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from deploy.selftest import main_from_args
 
             return main_from_args(args)
+        if args.group == "gap":
+            from student_trainer.gap import run_gap
+
+            return run_gap(args)
         if args.group == "demo":
             from deploy.demo import run_demo
 
