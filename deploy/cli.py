@@ -4,6 +4,7 @@
   ckd data synth|prepare ...                 (ckd_common)
   ckd fill --server URL --data F --out ROOT  fill a logit cache from teacher servers (= logit_cache fill)
   ckd cascade CONFIG.yaml                    a whole cascade: servers, caches, training, eval
+  ckd ablate GRID.yaml                       a grid of cascades x seeds from shared caches: table + plot
   ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
 """
 from __future__ import annotations
@@ -28,10 +29,27 @@ def _parser() -> argparse.ArgumentParser:
                                       "servers (= logit_cache fill)", description=fill_doc))
     casc = sub.add_parser("cascade", help="run a cascade (student <- TA <- Teacher) from a YAML config")
     casc.add_argument("config", help="cascade YAML (see deploy/README.md and deploy/examples/)")
+    abl = sub.add_parser("ablate", help="run a grid of trainer options / strategies x seeds from shared caches")
+    abl.add_argument("config", help="grid YAML: a cascade config + grid/points/seeds (see deploy/README.md)")
     demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _orchestrate(command: str, run, config: str) -> int:
+    """Run a cascade-like command: 1 on a failed step, 130 on Ctrl-C / SIGTERM (a re-run resumes)."""
+    from deploy.cascade import CascadeError
+
+    try:
+        run(config)
+    except CascadeError as e:
+        print(f"ckd {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ckd {command}: interrupted; finished steps are kept, re-run the command to resume", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,18 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     try:
         if args.group == "cascade":
-            from deploy.cascade import CascadeError, run_cascade
+            from deploy.cascade import run_cascade
 
-            try:
-                run_cascade(args.config)
-            except CascadeError as e:
-                print(f"ckd cascade: error: {e}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                print("ckd cascade: interrupted; finished steps are kept, re-run the command to resume",
-                      file=sys.stderr)
-                return 130
-            return 0
+            return _orchestrate("cascade", run_cascade, args.config)
+        if args.group == "ablate":
+            from deploy.ablate import run_ablation
+
+            return _orchestrate("ablate", run_ablation, args.config)
         if args.group == "fill":
             from deploy.fill import run_fill
 
