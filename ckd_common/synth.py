@@ -106,7 +106,7 @@ def question(items: list[Item], category: str, rng: random.Random) -> tuple[str,
 
 
 def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_instruct: int = 400,
-               n_eval: int = 200, text_only_fraction: float = 0.05) -> dict:
+               n_eval: int = 200, text_only_fraction: float = 0.05, rounds: tuple[int, int] = (1, 3)) -> dict:
     """Write pretrain.json, instruct.json, eval.jsonl and images/ under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_inst
             continue
         name, items = new_image("it", i)
         conv = []
-        for r, cat in enumerate(rng.sample(CATEGORIES, rng.randint(1, 3))):
+        for r, cat in enumerate(rng.sample(CATEGORIES, rng.randint(*rounds))):
             q, a = question(items, cat, rng)
             conv.append({"from": "human", "value": ("<image>\n" if r == 0 else "") + q + SHORT_ANSWER})
             conv.append({"from": "gpt", "value": a})

@@ -75,21 +75,24 @@ class Ablation:
         cascade.caches = self.caches
         return cascade.execute(self.stages(pcfg))
 
-    def execute(self) -> dict:
+    def execute(self, title: str | None = None) -> dict:
+        """Every point x seed (in grid order, seeds inside), then the table and plot. Returns the report:
+        ``rows`` (deploy.ablate.report.Row, one per point), ``table``, the files written, ``wall_s``."""
         self.run.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run / "ablate.json")
         t0 = time.time()
         rows = []
         for point in self.cfg.points:
-            per_seed = {seed: self.run_point(point, seed) for seed in self.cfg.seeds}
+            summaries = [self.run_point(point, seed) for seed in self.cfg.seeds]
             first = self.cfg.point_config(point, self.cfg.seeds[0])
-            rows.append(Row.from_summaries(point.name, chain(plan(first)), list(per_seed.values())))
+            rows.append(Row.from_summaries(point.name, chain(plan(first)), summaries))
         wall = round(time.time() - t0, 1)
-        report = write_report(rows, self.run, title=f"ckd ablate: {len(self.cfg.points)} points x "
-                              f"{len(self.cfg.seeds)} seed(s) (seeds {self.cfg.seeds})")
+        title = title or (f"ckd ablate: {len(self.cfg.points)} points x {len(self.cfg.seeds)} seed(s) "
+                          f"(seeds {self.cfg.seeds}), accuracy (%) on the held-out questions")
+        report = write_report(rows, self.run, title)
         self.log(report["table"])
         self.log(f"[ablate] done in {wall} s; table {report['md']}, plot {report['png']}")
-        return {**report, "wall_s": wall}
+        return {**report, "rows": rows, "wall_s": wall}
 
 
 def run_ablation(config: str | Path | AblateConfig, log=print) -> dict:
