@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from ckd_common.templates import QWEN2_BASE
     from student_trainer.config import TrainConfig
     from student_trainer.data import MicroBatches, build_schedule, expected_cache_meta, make_loader, open_cache
-    from student_trainer.trainer import StudentLoss, _ds_config, set_trainable, setup_distributed
+    from student_trainer.trainer import StudentLoss, deepspeed_config, set_trainable, setup_distributed
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     set_trainable(student, ("connector", "llm"))
     module = StudentLoss(student, cfg.chunk_size, cfg.rel_variant, head_trainable=True)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=_ds_config(cfg, world, bf16=False))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, world, bf16=False))
     gas = cfg.global_batch // (cfg.micro_batch * world)
     steps_needed = 2 * (args.rounds * args.steps + 1)
     sched = build_schedule([s.length for s in ds.samples], cfg.global_batch, cfg.micro_batch, world, 0,

@@ -147,7 +147,7 @@ def prepare_report(ds) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_commands(p.add_subparsers(dest="group", required=True))
     return p
@@ -186,7 +186,7 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, ValueError, FileNotFoundE
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from ckd_common.model import quiet_transformers
 
     quiet_transformers()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ckd_common.keys import sample_key
-from ckd_common.templates import IGNORE_INDEX, IMAGE_MARKER, QWEN2_BASE, TemplateError, get_template, with_image_first
+from ckd_common.templates import IGNORE_INDEX, IMAGE_MARKER, PRETRAIN, QWEN2_BASE, TemplateError, get_template, with_image_first
 from ckd_common.tokenizer import IMAGE_TOKEN, pad_eos_warning
 
 DEFAULT_MAX_LENGTH = 2048
@@ -437,7 +437,7 @@ class Preparer:
             rounds = with_image_first(rounds)
         # (pretrain renders "<image>" + caption whatever the question says, as the reference does)
         notes = [NOTE_IMAGE_INSERTED] if has_image and not n_tokens and self.template.name == QWEN2_BASE else []
-        if self.template.name == "pretrain" and not has_image:
+        if self.template.name == PRETRAIN and not has_image:
             raise DataError("the pretrain template needs an image", sid)
 
         image_sha = image_stat = None

@@ -20,7 +20,7 @@ from ckd_common.cli import USER_ERRORS, add_common_commands
 from ckd_common.cli import run as run_common
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="group", required=True)
     add_common_commands(sub)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     # of a non-interactive shell is (Python then installs no KeyboardInterrupt handler of its own)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from ckd_common.model import quiet_transformers
 
     quiet_transformers()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckd_common.config import CommandConfig
+from ckd_common.templates import PRETRAIN, QWEN2_BASE
 from deploy import selftest_pipeline as P
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -253,14 +255,15 @@ def _run_checks(st: Selftest) -> None:
     st.check("models", models, needs=("versions",))
     words = 40 if cfg.tiny else 120
     data = write_llava_data(work / "data", n, n, instruction_words=words, rounds=2, seed=0)
-    splits = (("pretrain", "pretrain"), ("instruct", "qwen2_base"))
+    splits = (("pretrain", PRETRAIN), ("instruct", QWEN2_BASE))
 
     def prepare() -> str:
         out = []
         for split, template in splits:
             m, _ = P.prepare(student, data[split], data["images"], template, logs / f"prepare-{split}.log", cpu_env,
                              timeout)
-            report = next((ln for ln in m.log.read_text().splitlines() if " samples, " in ln), "")
+            # the report's first line ("N samples, T tokens, ..."), not the progress bar's ("..., N samples, ...")
+            report = next((ln for ln in m.log.read_text().splitlines() if re.match(r"\d+ samples, ", ln)), "")
             if not report.startswith(f"{n} samples"):
                 raise SelftestFailure(f"ckd data prepare {split}: expected {n} samples, got: {report or 'no report'}")
             out.append(f"{split} {n} samples,{report.split(',')[1]}")
@@ -317,8 +320,9 @@ def _run_checks(st: Selftest) -> None:
     servers.clear()
 
     # -- training ------------------------------------------------------------------------------
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.ranks), "--master_port",
-                str(_free_port())) if cfg.ranks > 1 else ()
+    # --standalone: the rendezvous picks its own free port (no probed port another process can take)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(cfg.ranks)) if cfg.ranks > 1 else ()
     runs = work / "runs"
     results: dict[str, list[dict]] = {}
 
@@ -408,14 +412,6 @@ def _some_weights(model_dir: Path) -> dict:
     if missing:
         raise SelftestFailure(f"{model_dir}: no {missing[0]} in its safetensors files")
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def add_selftest_arguments(p) -> None:

@@ -106,7 +106,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
 FILL_HELP = "fill a cache by streaming a dataset through teacher servers (deploy.fill; `--help` for its flags)"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="logit_cache", description="Inspect and maintain logit_cache stores.")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = _parser()
+    ap = build_parser()
     cmd_at = next((i for i, x in enumerate(argv) if not x.startswith("-")), None)  # global options take no value
     if cmd_at is not None and argv[cmd_at] == "fill":
         quiet = ap.parse_args(argv[:cmd_at + 1]).quiet

@@ -28,7 +28,7 @@ def _step_help(steps) -> str:
     return "; ".join(f"{s}: {STEPS[s].description}" for s in steps)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="student_trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from ckd_common.model import ModelLoadError
     from student_trainer.data import TrainerError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "eval":
         return args.func(args)
     try:

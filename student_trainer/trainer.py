@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +33,16 @@ from student_trainer.feedback import CURVE, SUMMARY, Feedback, plot_curve, read_
 
 # ---------------------------------------------------------------------------------------------
 # distributed set-up
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); a plain
     ``python -m student_trainer`` becomes a one-rank job. Returns (rank, world_size)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
-                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # One rank: an in-process store. A TCP store on a probed "free" port races with every other
+        # process on the machine that binds a port between the probe and the store's listen.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -184,7 +180,7 @@ def _find_resumable(out: Path, is0: bool, world: int) -> Path:
 ZERO_BUCKET_ELEMENTS = 50_000_000
 
 
-def _ds_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
+def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     return {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
@@ -282,7 +278,7 @@ def train(cfg: TrainConfig) -> RunResult:
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=_ds_config(cfg, world, bf16))
+                                                           config=deepspeed_config(cfg, world, bf16))
     if cfg.zero_stage == 3:  # the loss reads lm_head.weight outside lm_head.forward
         deepspeed.zero.register_external_parameter(module, vlm.lm_head.weight)
 

@@ -124,7 +124,7 @@ def test_trainer_options_are_checked_when_the_config_is_validated(env):
 
 def test_the_trainer_command_line_is_its_typed_config(env):
     """What the cascade starts parses, with the trainer's own parser, back to the TrainConfig it built."""
-    from student_trainer.cli import _parser
+    from student_trainer.cli import build_parser
     from student_trainer.config import STEPS as TABLE
     from student_trainer.config import TrainConfig
 
@@ -136,7 +136,7 @@ def test_the_trainer_command_line_is_its_typed_config(env):
         for step in stage.steps:
             tc = cfg.train_config(step, stage.student_in, stage.step_out(step), stage.teacher.cache_root, resume=True)
             command = "distill" if TABLE[step].uses_teacher else "train"
-            assert from_args(TrainConfig, _parser().parse_args([command, *to_argv(tc)])) == tc
+            assert from_args(TrainConfig, build_parser().parse_args([command, *to_argv(tc)])) == tc
             assert tc.data == Path(cfg.data_of(TABLE[step].split)) and not tc.progress and tc.zero_stage == 1
     assert (tc.lr, tc.adam_betas, tc.group_by_length, tc.on_missing) == (1e-3, (0.8, 0.99), False, "skip")
 

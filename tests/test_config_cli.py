@@ -26,7 +26,7 @@ class Toy(CommandConfig):
     internal: str = field(default="x", metadata={"cli": False})
 
 
-def _parser(**kw) -> argparse.ArgumentParser:
+def build_parser(**kw) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toy")
     add_arguments(p, Toy, groups={"optim": "optimisation"}, **kw)
     return p
@@ -37,19 +37,19 @@ def test_options_follow_the_field_types_defaults_and_metadata(capsys):
     assert "internal" not in by and by["name"].required and not by["out"].required
     assert (by["betas"].kind, by["betas"].nargs) == ("tuple", 2)
     assert by["progress"].kind == "bool" and by["server"].kind == "list" and by["steps"].choices == (1, 2, 3, 4)
-    a = _parser().parse_args(["--name", "n", "--lr", "1e-3", "--steps", "2", "--betas", "0.8", "0.9", "--no-progress",
+    a = build_parser().parse_args(["--name", "n", "--lr", "1e-3", "--steps", "2", "--betas", "0.8", "0.9", "--no-progress",
                               "--resume", "--server", "a", "--server", "b", "--secret", "7", "--out", "o"])
     cfg = from_args(Toy, a)
     assert cfg == Toy(name="n", out=Path("o"), lr=1e-3, steps=2, betas=(0.8, 0.9), progress=False, resume=True,
                       server=["a", "b"], secret=7)
-    assert from_args(Toy, _parser().parse_args(["--name", "n"])) == Toy(name="n")
-    _parser().print_help()
+    assert from_args(Toy, build_parser().parse_args(["--name", "n"])) == Toy(name="n")
+    build_parser().print_help()
     help_text = capsys.readouterr().out
     assert "--secret" not in help_text and "--internal" not in help_text and "optimisation:" in help_text
     assert "--progress, --no-progress" in help_text and "learning rate" in help_text
     for bad in (["--lr", "1e-3"], ["--name", "n", "--steps", "9"], ["--name", "n", "--lr", "fast"]):
         with pytest.raises(SystemExit):
-            _parser().parse_args(bad)
+            build_parser().parse_args(bad)
 
 
 def test_to_argv_parses_back_to_the_same_config():
@@ -58,7 +58,7 @@ def test_to_argv_parses_back_to_the_same_config():
                Toy(name="n", lr=0.1 + 0.2)]  # a float that only repr() writes exactly
     for cfg in configs:
         argv = to_argv(cfg)
-        assert from_args(Toy, _parser().parse_args(argv), internal=cfg.internal) == cfg, argv
+        assert from_args(Toy, build_parser().parse_args(argv), internal=cfg.internal) == cfg, argv
     assert to_argv(Toy(name="n")) == ["--name", "n"]  # defaults are left out
     assert to_argv(Toy(name="n", progress=False), skip=["progress"]) == ["--name", "n"]
 
@@ -77,7 +77,7 @@ def test_parse_value_takes_yaml_values_like_the_command_line():
 
 
 def test_trainer_cli_is_derived_from_train_config():
-    from student_trainer.cli import _parser as trainer_parser
+    from student_trainer.cli import build_parser as trainer_parser
     from student_trainer.config import TEACHER_GROUP, TrainConfig
 
     train, distill = (trainer_parser()._subparsers._group_actions[0].choices[c] for c in ("train", "distill"))

@@ -155,16 +155,17 @@ def test_trainer_uses_the_students_mode(presets, wide_synth_dir, tmp_path):
     (tmp_path / "four.json").write_text(json.dumps(recs))
     rc = main(["train", "--step", "pt", "--model", str(presets["pad"]), "--data", str(tmp_path / "four.json"),
                "--images", str(wide_synth_dir / "images"), "--out", str(tmp_path / "o"), "--global-batch", "4",
-               "--micro-batch", "4", "--max-steps", "1", "--num-workers", "0", "--no-progress", "--no-tensorboard"])
+               "--micro-batch", "4", "--max-steps", "1", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+               "--holdout", "0"])  # all four samples: the reference loss below is over all of them
     assert rc == 0
     ce = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])["ce"]
     prep = Preparer(tok, "pretrain", info.num_visual_tokens, info.image_token_id, wide_synth_dir / "images")
     samples = [prep.prepare(r) for r in recs]
     losses = {}
-    with torch.no_grad():
+    with torch.no_grad():  # the trainer's CE: each sample's mean over its response tokens, then over samples
         for a in ("pad", "square"):
-            batch = collate(samples, tok.pad_token_id, info.image_size, aspect_ratio=a)
-            losses[a] = float(model(**batch).loss)
+            losses[a] = sum(float(model(**collate([s], tok.pad_token_id, info.image_size, aspect_ratio=a)).loss)
+                            for s in samples) / len(samples)
     assert ce == pytest.approx(losses["pad"], rel=1e-4)
     assert abs(losses["pad"] - losses["square"]) > 1e-3
     final = tmp_path / "o" / "final"

@@ -352,9 +352,9 @@ def test_body_reads_are_bounded_by_the_deadline_and_disconnects_are_499(client):
 
 
 def test_serve_cli_is_derived_from_server_config_and_keeps_every_flag(tiny_models, tmp_path):
-    from teacher_server.cli import _parser, config_from_args
+    from teacher_server.cli import build_parser, config_from_args
 
-    p = _parser()
+    p = build_parser()
     flags = {s for a in p._subparsers._group_actions[0].choices["serve"]._actions for s in a.option_strings}
     for old in ("--model", "--device", "--dtype", "--engine", "--host", "--port", "--port-file", "--config-out",
                 "--token-file", "--max-batch-tokens", "--max-queue-tokens", "--max-inflight-requests",

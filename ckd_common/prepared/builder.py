@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ckd_common.data import DataError, Preparer, decode_text, iter_records
+from ckd_common.templates import QWEN2_BASE
 
 from .spec import FORMAT, MANIFEST, SKIPPED_IMAGES
 
@@ -315,7 +316,7 @@ def build(spec, tokenizer, root: Path, name: str, *, workers: int | None = None,
         bar.close()
         del text
         arrays = writer.close()
-        warn = pad_eos_warning(tokenizer) if spec.template == "qwen2_base" else None
+        warn = pad_eos_warning(tokenizer) if spec.template == QWEN2_BASE else None
         seconds = time.perf_counter() - t0
         manifest = {
             "format": FORMAT, "spec": spec.to_dict(), "data": data_evidence, "fingerprint": fp.hexdigest()[:32],

@@ -223,7 +223,9 @@ class Cascade:
             uses_teacher = STEPS[step].uses_teacher
             tc = self.cfg.train_config(step, model, out, stage.teacher.cache_root if uses_teacher else None, resumed,
                                        prepared=str(self.data_for_step(step).path))
-            launcher = (["torchrun", "--nproc_per_node", str(n_ranks), "-m"] if n_ranks > 1 else _python())
+            launcher = _python()
+            if n_ranks > 1:  # --standalone: the rendezvous picks its own free port
+                launcher += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(n_ranks), "-m"]
             cmd = launcher + ["student_trainer", "distill" if uses_teacher else "train", *to_argv(tc)]
             self.log(f"[cascade] {job}: {'resuming' if resumed else 'training'} on {self.cfg.train_devices}"
                      + (f" with teacher {stage.teacher.name}" if uses_teacher else ""))
