@@ -71,7 +71,8 @@ def path_problems(**paths: tuple[Path | str | None, str]) -> list[str]:
 # ``str``, ``Path``, ``X | None``, ``tuple[X, X]`` = two values, ``list[X]`` = repeatable, ``bool`` =
 # ``--x/--no-x``), its default the default (no default = required), and
 # ``field(metadata={...})`` the rest: ``help``, ``choices``, ``group`` (argument group key), ``metavar``,
-# ``hidden`` (accepted, not shown in --help) and ``cli=False`` (not an option at all).
+# ``hidden`` (accepted, not shown in --help), ``flag`` (another option name than ``--field-name``,
+# e.g. an established one) and ``cli=False`` (not an option at all).
 # The same table parses values from other sources (``parse_value``: YAML overrides) and writes a
 # config back as a command line (``to_argv``: a parent process starting the command).
 
@@ -129,7 +130,8 @@ def options(cls) -> list[Option]:
         else:
             default, required = None, True
         choices = meta.get("choices")
-        out.append(Option(f.name, "--" + f.name.replace("_", "-"), convert, kind, nargs, default, required, optional,
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        out.append(Option(f.name, flag, convert, kind, nargs, default, required, optional,
                           meta.get("help"), tuple(choices) if choices is not None else None, meta.get("group"),
                           bool(meta.get("hidden", False)), meta.get("metavar")))
     return out

@@ -32,6 +32,7 @@ sample's normalised autocorrelation, in sample order.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -202,9 +203,18 @@ def decode_request(data: bytes | bytearray | memoryview) -> TargetsRequest:
 # responses
 
 
+@functools.lru_cache(maxsize=4)
+def _triu_flat(nv: int) -> np.ndarray:
+    """Flat indices of the upper triangle of an [nv, nv] matrix (one gather instead of two-array
+    fancy indexing: ~5x faster at Nv = 728, where the server packs ~1 MB per image sample)."""
+    rows, cols = np.triu_indices(nv)
+    return rows * nv + cols
+
+
 def triu_pack(r: np.ndarray) -> np.ndarray:
     """[Nv, Nv] symmetric -> upper triangle (diagonal included), row-major."""
-    return np.asarray(r)[np.triu_indices(r.shape[0])]
+    r = np.asarray(r)
+    return np.take(r.reshape(-1), _triu_flat(r.shape[0]))
 
 
 def triu_unpack(flat: np.ndarray, nv: int) -> np.ndarray:

@@ -178,6 +178,21 @@ def encode_samples(samples: list[SampleTargets], meta: CacheMeta) -> dict[str, n
     return out
 
 
+def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several blocks of samples in the segment layout (``encode_samples``' output) as one: arrays
+    concatenated, ``*_offsets`` re-based. One block is returned as it is (no copy)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    out: dict[str, np.ndarray] = {}
+    for name in blocks[0]:
+        if name.endswith("_offsets"):
+            base = np.cumsum([0] + [int(b[name][-1]) for b in blocks[:-1]])
+            out[name] = np.concatenate([blocks[0][name][:1]] + [b[name][1:] + o for b, o in zip(blocks, base)])
+        else:
+            out[name] = np.concatenate([b[name] for b in blocks])
+    return out
+
+
 def array_names(meta: CacheMeta) -> list[str]:
     names = ["keys"]
     for kind in ("text", "visual"):
@@ -455,7 +470,7 @@ class CacheWriter:
         self.group, self.meta = group, group.meta
         self.segment_rows, self.segment_bytes = segment_rows, segment_bytes
         self.chunk_rows, self.shard_rows, self.clevel = chunk_rows, shard_rows, clevel
-        self._buf: list[SampleTargets] = []
+        self._buf: list[dict[str, np.ndarray]] = []   # blocks in the segment layout (stored bytes only)
         self._buf_keys: set[str] = set()
         self._buf_bytes = 0
         self.committed: list[Manifest] = []
@@ -494,19 +509,44 @@ class CacheWriter:
 
     def add(self, s: SampleTargets) -> None:
         self._check(s)
-        self._buf.append(s)
-        self._buf_keys.add(s.key)
-        self.num_added += 1
-        self._buf_bytes += s.text.ids.nbytes * 2 + (s.visual.ids.nbytes * 2 if s.visual is not None else 0) + \
-            (s.autocorr.nbytes // 2 if s.autocorr is not None else 0)
-        if len(self._buf) >= self.segment_rows or self._buf_bytes >= self.segment_bytes:
+        self._add_block(encode_samples([s], self.meta), [s.key])
+
+    def add_encoded(self, block: dict[str, np.ndarray]) -> None:
+        """Add samples already in the segment layout (``encode_samples``' output for them, e.g.
+        decoded straight from a server's response by the fill): no SampleTargets in between. The
+        caller has checked their values as :meth:`add` does; here the layout and keys are checked."""
+        names = array_names(self.meta)
+        if sorted(block) != sorted(names):
+            raise ValueError(f"an encoded block must hold exactly the arrays {names}, not {sorted(block)}")
+        n = len(block["keys"])
+        keys = [key_hex(r) for r in block["keys"]]
+        for kind in ("text", "visual"):
+            o = block[f"{kind}_offsets"]
+            if len(o) != n + 1 or o[0] != 0 or (np.diff(o) < 0).any() or o[-1] != len(block[f"{kind}_ids"]):
+                raise ValueError(f"encoded block: {kind}_offsets do not index its {kind} rows")
+            if block[f"{kind}_ids"].ndim != 2 or block[f"{kind}_ids"].shape[1] != self.meta.k:
+                raise ValueError(f"encoded block: {kind}_ids {block[f'{kind}_ids'].shape} are not [N, k={self.meta.k}]")
+        o = block["autocorr_offsets"]
+        if len(o) != n + 1 or o[0] != 0 or o[-1] != len(block["autocorr"]):
+            raise ValueError("encoded block: autocorr_offsets do not index its autocorrelation values")
+        seen = self._buf_keys.intersection(keys)
+        if seen or len(set(keys)) != n:
+            raise ValueError(f"sample {min(seen) if seen else keys[0]} was added twice to this writer")
+        self._add_block(block, keys)
+
+    def _add_block(self, block: dict[str, np.ndarray], keys: list[str]) -> None:
+        self._buf.append(block)
+        self._buf_keys.update(keys)
+        self.num_added += len(keys)
+        self._buf_bytes += sum(a.nbytes for a in block.values())
+        if len(self._buf_keys) >= self.segment_rows or self._buf_bytes >= self.segment_bytes:
             self.flush()
 
     def flush(self) -> Manifest | None:
         """Write and commit the buffered samples as one segment (no-op when empty)."""
         if not self._buf:
             return None
-        arrays = encode_samples(self._buf, self.meta)
+        arrays = concat_blocks(self._buf)
         m = self.group.write_segment(arrays, chunk_rows=self.chunk_rows, shard_rows=self.shard_rows,
                                      clevel=self.clevel)
         self.committed.append(m)
@@ -550,4 +590,4 @@ def verify_manifest_arrays(group: CacheGroup, m: Manifest) -> SegmentData:
 
 
 __all__ = ["CacheGroup", "CacheWriter", "Manifest", "SegmentData", "Storage", "find_group", "list_groups",
-           "open_group", "encode_samples", "assemble", "triu_size", "verify_manifest_arrays"]
+           "open_group", "encode_samples", "concat_blocks", "assemble", "triu_size", "verify_manifest_arrays"]

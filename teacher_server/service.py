@@ -195,7 +195,7 @@ class TeacherService:
                 raise InvalidSample(f"{who}: the visual span [{vs}, {vs + s.num_visual}) must hold exactly the "
                                     f"{s.num_visual} image tokens (id {m.image_token_id}) of the sample; found "
                                     f"{n_image_tokens} image tokens")
-            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio)
+            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio, self.engine.needs_pixels)
         else:
             if s.num_visual != 0 or n_image_tokens:
                 raise InvalidSample(f"{who}: no image was sent, but the sample has num_visual={s.num_visual} "
@@ -213,7 +213,7 @@ class TeacherService:
         return inp
 
     @staticmethod
-    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str) -> np.ndarray:
+    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str, decode: bool = True) -> np.ndarray | None:
         from PIL import Image
 
         try:
@@ -222,6 +222,8 @@ class TeacherService:
                 if w * h > MAX_IMAGE_PIXELS:
                     raise InvalidSample(f"{who}: the image is {w}x{h} pixels, more than the server decodes "
                                         f"({MAX_IMAGE_PIXELS} pixels); downscale it")
+                if not decode:  # the engine does not look at pixels (Engine.needs_pixels)
+                    return None
                 im.load()
                 return preprocess_image(im, size, aspect_ratio)
         except InvalidSample:

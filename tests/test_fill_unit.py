@@ -10,7 +10,7 @@ import pytest
 from ckd_common.protocol import Info
 from ckd_common.targets import SampleTargets, SparseTopK
 from deploy.fill import check_infos
-from deploy.fill_pipeline import Chunk, FillError, decode_checked, make_chunks
+from deploy.fill_pipeline import FillError, make_chunks
 
 INFO = Info(teacher_fingerprint="f1", tokenizer_hash="t1", vocab_size=512, tokenizer_vocab_size=496,
             num_visual_tokens=16, vision_strategy="full", image_size=56, image_token_id=3,
@@ -36,6 +36,14 @@ def test_servers_must_run_the_same_teacher():
         check_infos({"a": INFO}, "pretrain", 65)
 
 
+def _meta(**kw):
+    from logit_cache import CacheMeta
+
+    base = dict(teacher_fingerprint="t", tokenizer_hash="h", template="pretrain", dataset_fingerprint="d",
+                vision_strategy="full", num_visual_tokens=4, vocab_size=1000, k=8, value_encoding="q8")
+    return CacheMeta(**{**base, **kw})
+
+
 def _sample(i, length):
     return SimpleNamespace(key=f"{i:032x}", length=length, image_path=None, id=str(i), has_image=False,
                            num_visual=0, response_positions=np.arange(2))
@@ -52,16 +60,18 @@ def test_chunks_sorted_by_length_and_capped():
 
 def test_response_must_answer_the_request():
     from ckd_common.wire import TargetsResponse, encode_response
+    from deploy.fill_frames import FrameError, decode_block
 
     s = _sample(1, 10)
     text = SparseTopK(np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float32), np.zeros(2, np.float32))
     ok = SampleTargets(s.key, text)
-    assert decode_checked(encode_response(TargetsResponse([ok], 4, 100)), Chunk([s]), 4, "u")[0].key == s.key
+    meta = _meta(k=4)
+    assert decode_block(encode_response(TargetsResponse([ok], 4, 100)), [s], meta, "u")["keys"].shape == (1, 16)
     wrong = SampleTargets("f" * 32, ok.text)
-    with pytest.raises(FillError, match="inconsistently"):
-        decode_checked(encode_response(TargetsResponse([wrong], 4, 100)), Chunk([s]), 4, "u")
-    with pytest.raises(FillError, match="undecodable"):
-        decode_checked(b"nonsense", Chunk([s]), 4, "u")
+    with pytest.raises(FrameError, match="inconsistently"):
+        decode_block(encode_response(TargetsResponse([wrong], 4, 100)), [s], meta, "u")
+    with pytest.raises(FrameError, match="undecodable"):
+        decode_block(b"nonsense", [s], meta, "u")
 
 
 def test_cli_reports_unreachable_server(tmp_path, capsys, synth_dir):
