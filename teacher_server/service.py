@@ -50,8 +50,9 @@ class TeacherService:
     # -- lifecycle ---------------------------------------------------------------------------------
     def load(self) -> None:
         t0 = time.perf_counter()
-        self.desc = self.engine.load()
-        self.tokenizer_zip = self._zip_tokenizer(self.desc.tokenizer)
+        desc = self.engine.load()
+        self.tokenizer_zip = self._zip_tokenizer(desc.tokenizer)  # before /readyz says ready (desc set)
+        self.desc = desc
         log.info("teacher %s loaded in %.1fs on %s (%s)", self.desc.model.fingerprint,
                  time.perf_counter() - t0, self.desc.device, self.desc.dtype)
 

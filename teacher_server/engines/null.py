@@ -38,7 +38,7 @@ log = logging.getLogger("teacher_server.null")
 POOL_ROWS = 4096          # distinct top-k rows (generating one costs a softmax over the vocabulary)
 POOL_AUTOCORR = 8         # distinct autocorrelation matrices
 DEFAULT_K = 64            # the pool generated at load; another k or vocab_limit builds one on first use
-AUTOCORR_RANK = 16        # rank of the synthetic R = H H^T (teacher-like spread of fp16 values)
+AUTOCORR_RANK = 32        # rank of the synthetic R = H H^T (as bench/cache_io.py: a teacher-like spread)
 
 
 @dataclass
