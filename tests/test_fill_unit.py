@@ -2,6 +2,7 @@
 chunking, response checks and the CLI's error path."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -107,3 +108,140 @@ def test_ckd_fill_is_the_same_command(tmp_path, capsys, synth_dir):
     err = capsys.readouterr().err
     assert rc == 1 and "ckd fill: server http://127.0.0.1:9 is not ready" in err and "Traceback" not in err
     assert "FillConfig:" in err and "wait_ready_s" in err  # the resolved config is printed at start
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line is derived from FillConfig; the established flags keep working
+
+
+def _parse(argv):
+    import argparse
+
+    from deploy.fill import add_fill_arguments, config_from_args
+
+    return config_from_args(add_fill_arguments(argparse.ArgumentParser()).parse_args(argv))
+
+
+def test_cli_is_derived_from_the_config_and_keeps_its_flags():
+    from ckd_common.config import to_argv
+    from deploy.fill import FillConfig
+
+    cfg = _parse(["--server", "http://a:1", "--server", "http://b:2", "--data", "d.json", "--images", "img",
+                  "--template", "qwen2_base", "--k", "16", "--out", "cache/x", "--tokenizer", "tok",
+                  "--vocab-limit", "400", "--encoding", "f16", "--batch-samples", "4", "--concurrency", "3",
+                  "--writers", "3", "--segment-rows", "100", "--segment-mb", "64", "--clevel", "3", "--retries", "2",
+                  "--backoff", "0.1", "--max-backoff", "2", "--timeout", "5", "--wait-ready", "7", "--max-length", "99",
+                  "--on-error", "skip", "--token-file", "t", "--no-progress"])
+    assert cfg == FillConfig(["http://a:1", "http://b:2"], "d.json", "img", "qwen2_base", 16, "cache/x", "tok", 400,
+                             "f16", 4, 3, 3, 100, 64, 3, 2, 0.1, 2.0, 5.0, 7.0, 99, "skip", "t", False)
+    assert _parse(to_argv(cfg)) == cfg  # a parent (the cascade) can write the command line back
+    defaults = _parse(["--server", "http://a", "--data", "d", "--template", "pretrain", "--out", "o"])
+    assert defaults == FillConfig(["http://a"], "d", None, "pretrain", out="o")
+
+
+def test_cli_refuses_a_template_it_does_not_know(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--server", "http://a", "--data", "d", "--template", "chat", "--out", "o"])
+    assert "invalid choice: 'chat'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the fill lock
+
+
+@pytest.fixture()
+def group(tmp_path):
+    from logit_cache import open_group
+
+    return open_group(tmp_path / "cache", meta=_meta(), create=True)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_refuses_a_live_holder_and_is_released(group):
+    from deploy.fill_lock import LOCK_FILE, FillLock, GroupLocked
+
+    with FillLock(group):
+        assert group.storage.exists(group.name, LOCK_FILE)
+        with pytest.raises(GroupLocked, match=f"another fill is writing .*: pid {os.getpid()} on "):
+            FillLock(group).acquire()
+    assert not group.storage.exists(group.name, LOCK_FILE)
+    with FillLock(group) as lock:  # free again
+        assert lock.note == ""
+
+
+def test_lock_of_a_dead_process_or_a_silent_host_is_taken_over(group):
+    import json
+    import socket
+    from datetime import datetime, timedelta, timezone
+
+    from deploy.fill_lock import LOCK_FILE, STALE_AFTER_S, FillLock, GroupLocked, holder_gone
+
+    def write(**holder):
+        group.storage.write_atomic(json.dumps(holder).encode(), group.name, LOCK_FILE)
+
+    pid = _dead_pid()
+    write(host=socket.gethostname(), pid=pid, started_utc="then", heartbeat_utc="then")
+    with FillLock(group) as lock:
+        assert f"stale lock of pid {pid}" in lock.note and "no longer runs" in lock.note
+    now = datetime.now(timezone.utc)
+    fresh, old = now.isoformat(), (now - timedelta(seconds=STALE_AFTER_S + 60)).isoformat()
+    write(host="elsewhere", pid=1, heartbeat_utc=fresh)  # another host: only its heartbeat tells
+    with pytest.raises(GroupLocked, match="pid 1 on elsewhere"):
+        FillLock(group).acquire()
+    write(host="elsewhere", pid=1, heartbeat_utc=old)
+    with FillLock(group) as lock:
+        assert "no heartbeat for" in lock.note
+    assert holder_gone({"host": socket.gethostname(), "pid": os.getpid(), "proc_start": "1"}) is not None  # reused pid
+    group.storage.write_atomic(b"{torn", group.name, LOCK_FILE)
+    with FillLock(group) as lock:
+        assert "names no heartbeat" in lock.note
+
+
+# ---------------------------------------------------------------------------------------------
+# the null engine (teacher_server --engine null): the teacher's shapes, synthetic targets
+
+
+def test_null_engine_serves_valid_deterministic_targets_of_the_teachers_shapes(tiny_models, tmp_path):
+    import asyncio
+
+    from ckd_common.model import load_vlm, model_info
+    from ckd_common.teacher import TeacherInput
+    from logit_cache import open_group
+    from teacher_server.config import ServerConfig
+    from teacher_server.engines import ENGINES, make_engine
+
+    assert "null" in ENGINES
+    engine = make_engine(ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), engine="null"))
+    desc = engine.load()
+    real = model_info(*load_vlm(tiny_models["tiny-teacher"]))
+    assert desc.model.fingerprint.startswith("null-") and desc.model.fingerprint != real.fingerprint
+    assert {**desc.model.to_dict(), "fingerprint": ""} == {**real.to_dict(), "fingerprint": ""}
+    assert engine.needs_pixels is False
+    nv, vocab = real.num_visual_tokens, real.common_vocab
+    inputs = [TeacherInput(f"{i:032x}", np.zeros(30, np.int64), np.arange(3 + i), 2 if i % 2 else -1,
+                           nv if i % 2 else 0) for i in range(6)]
+    out = asyncio.run(engine.targets(inputs, 8, vocab))
+    again = asyncio.run(engine.targets(inputs, 8, vocab))
+    narrow = asyncio.run(engine.targets(inputs, 3, vocab))
+    for x, t, u, n in zip(inputs, out, again, narrow):
+        assert t.key == x.key and t.text.num_positions == len(x.response_positions) and t.text.k == 8
+        assert (t.visual is None) == (not x.num_visual) == (t.autocorr is None)
+        np.testing.assert_array_equal(t.text.ids, u.text.ids)  # the same sample, the same targets
+        np.testing.assert_array_equal(n.text.ids, t.text.ids[:, :3])  # top-3 = the first 3 of the top-8
+        np.testing.assert_allclose(n.text.tail, 1 - np.exp(t.text.logprobs[:, :3].astype(np.float64)).sum(1),
+                                   rtol=1e-6, atol=1e-6)
+    meta = _meta(vocab_size=vocab, num_visual_tokens=nv)
+    with open_group(tmp_path / "c", meta=meta, create=True).writer() as w:  # the writer's checks accept them
+        for t in out:
+            w.add(t)
+    narrower = asyncio.run(engine.targets(inputs[:1], 4, 100))  # another vocab_limit: its own pool
+    assert narrower[0].text.ids.max() < 100
+    engine.close()
