@@ -10,11 +10,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ckd_common.targets import SampleTargets
-
 from .errors import CacheCorruptError
 from .reader import CacheReader
-from .store import MANIFESTS, SEGMENTS, CacheGroup, encode_samples, verify_manifest_arrays
+from .store import MANIFESTS, SEGMENTS, CacheGroup, Manifest, concat_blocks, verify_manifest_arrays
 
 
 def info(group: CacheGroup) -> dict[str, Any]:
@@ -147,22 +145,25 @@ def _is_local_writer(group: CacheGroup, seg: str) -> bool:
 
 
 def compact(group: CacheGroup, target_rows: int = 65536, small_rows: int | None = None,
-            progress: bool = True) -> list[str]:
-    """Merge committed segments smaller than ``small_rows`` (default target_rows // 2) into
-    segments of up to ``target_rows`` samples. Each output segment's manifest names the segments it
-    replaces, so it is the single atomic commit point; the old segments are then deleted (gc finishes
-    the job if this process dies first). Duplicate keys are dropped. Returns the new segment ids."""
+            progress: bool = True, target_bytes: int = 1 << 30) -> list[str]:
+    """Merge committed segments smaller than ``small_rows`` (default target_rows // 2) and half of
+    ``target_bytes`` into segments of up to ``target_rows`` samples and ``target_bytes`` stored
+    (uncompressed) bytes: the memory it needs. Stored bytes are moved as they are (nothing is
+    decoded). Each output segment's manifest names the segments it replaces, so it is the single
+    atomic commit point; the old segments are then deleted (gc finishes the job if this process
+    dies first). Duplicate keys are dropped. Returns the new segment ids."""
     small_rows = target_rows // 2 if small_rows is None else small_rows
-    ms = [m for m in group.committed() if m.num_samples < small_rows]
+    ms = [m for m in group.committed() if m.num_samples < small_rows and _stored_bytes(m) < target_bytes // 2]
     if len(ms) < 2:
         return []
-    batches, cur, rows = [], [], 0
+    batches, cur, rows, nbytes = [], [], 0, 0
     for m in ms:
-        if cur and rows + m.num_samples > target_rows:
+        if cur and (rows + m.num_samples > target_rows or nbytes + _stored_bytes(m) > target_bytes):
             batches.append(cur)
-            cur, rows = [], 0
+            cur, rows, nbytes = [], 0, 0
         cur.append(m)
         rows += m.num_samples
+        nbytes += _stored_bytes(m)
     if cur:
         batches.append(cur)
     all_manifests = group.manifests()
@@ -173,21 +174,29 @@ def compact(group: CacheGroup, target_rows: int = 65536, small_rows: int | None 
         if len(batch) < 2:
             bar.update(batch[0].num_samples)
             continue
-        samples: list[SampleTargets] = []
+        blocks: list[dict[str, np.ndarray]] = []
         keys: set[str] = set()
         for m in batch:
             data = verify_manifest_arrays(group, m)
+            rows_kept = []
             for r in range(len(data)):
                 k = data.key(r)
                 if k not in keys and reader.locate(k) == (m.segment, r):
                     keys.add(k)
-                    samples.append(data.sample(r))
+                    rows_kept.append(r)
                 bar.update(1)
+            blocks.append(data.take(rows_kept))
+            del data
         replaces = sorted({m.segment for m in batch} | {r for m in batch for r in all_manifests[m.segment].replaces})
-        out = group.write_segment(encode_samples(samples, group.meta), replaces=replaces)
+        out = group.write_segment(concat_blocks(blocks), replaces=replaces)
         new.append(out.segment)
         for seg in replaces:  # committed above: removing the old ones is now only cleanup
             group.storage.rm(group.name, SEGMENTS, seg, recursive=True)
             group.storage.rm(group.name, MANIFESTS, f"{seg}.json")
     bar.close()
     return new
+
+
+def _stored_bytes(m: Manifest) -> int:
+    """Uncompressed bytes of a committed segment's arrays, from its manifest."""
+    return sum(int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize for a in m.arrays.values())

@@ -251,6 +251,23 @@ class SegmentData:
     def sample(self, i: int) -> SampleTargets:
         return assemble(self.key(i), self.meta, self.slices(i))
 
+    def take(self, rows: Iterable[int]) -> dict[str, np.ndarray]:
+        """Samples ``rows`` in the segment layout (what ``encode_samples`` makes of them), copied
+        without decoding anything: compaction moves stored bytes only."""
+        a, rows = self.arrays, np.asarray(list(rows), dtype=np.int64)
+        out = {"keys": a["keys"][rows]}
+        for prefix, names in (("text", ("ids", "lp", "tail", "lp0")), ("visual", ("ids", "lp", "tail", "lp0")),
+                              ("autocorr", ("",))):
+            o = a[f"{prefix}_offsets"]
+            lo, hi = o[rows], o[rows + 1]
+            out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+            for n in names:
+                name = f"{prefix}_{n}" if n else prefix
+                if name in a:
+                    parts = [a[name][int(x):int(y)] for x, y in zip(lo, hi)]
+                    out[name] = np.concatenate(parts) if parts else a[name][:0]
+        return out
+
     def samples(self) -> Iterable[SampleTargets]:
         for i in range(len(self)):
             yield self.sample(i)

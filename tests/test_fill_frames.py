@@ -164,3 +164,31 @@ def test_answers_that_do_not_match_the_request_are_refused():
     assert len(block["autocorr"]) == 0 and int(block["visual_offsets"][-1]) == NV * len(no_ac)
     with pytest.raises(FrameError, match="undecodable"):
         decode_block(frame[:40], req, meta, "u")
+
+
+def test_compact_moves_stored_bytes_within_a_memory_cap(tmp_path):
+    """What the cascade runs after every fill: small segments merged without decoding, each merged
+    segment within ``target_bytes``; every sample reads back unchanged."""
+    from logit_cache.maintenance import _stored_bytes, compact, verify
+
+    meta = _meta()
+    targets = _samples(12)
+    group = open_group(tmp_path / "c", meta=meta, create=True)
+    for i in range(0, 12, 2):
+        with group.writer() as w:
+            w.add_encoded(encode_samples(targets[i:i + 2], meta))
+    before = {t.key: CacheReader(group).get(t.key) for t in targets}
+    cap = int(2.5 * max(_stored_bytes(m) for m in group.committed()))
+    new = compact(group, target_rows=100, progress=False, target_bytes=cap)
+    assert len(new) >= 2 and len(group.committed()) < 6
+    assert all(_stored_bytes(m) <= cap for m in group.committed())
+    rep = verify(group, progress=False)
+    assert rep["ok"] and rep["samples"] == rep["unique_keys"] == 12 and rep["duplicates"] == 0
+    reader = CacheReader(group)
+    for key, want in before.items():
+        got = reader.get(key)
+        np.testing.assert_array_equal(got.text.ids, want.text.ids)
+        np.testing.assert_array_equal(got.text.logprobs, want.text.logprobs)
+        assert (got.autocorr is None) == (want.autocorr is None)
+        if want.autocorr is not None:
+            np.testing.assert_array_equal(got.autocorr, want.autocorr)
