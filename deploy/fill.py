@@ -68,15 +68,18 @@ class FillConfig(CommandConfig):
     servers: list[str] = field(default_factory=list, metadata=_help(
         "teacher server base URL, e.g. http://127.0.0.1:8000 (repeat for several servers)", flag="--server",
         metavar="URL"))
-    data: str = field(default="", metadata=_help("LLaVA JSON (or JSON lines) file"))
-    images: str | None = field(default=None, metadata=_help("image root the data's 'image' paths are relative to"))
+    data: str = field(default="", metadata=_help("LLaVA JSON (or JSON lines) file", metavar="FILE"))
+    images: str | None = field(default=None, metadata=_help(
+        "image root the data's 'image' paths are relative to", metavar="DIR"))
     template: str = field(default="", metadata=_help(
         f"template the data is prepared with: {', '.join(TEMPLATE_NAMES)}", choices=TEMPLATE_NAMES))
     k: int = field(default=64, metadata=_help("top-k per position"))
-    out: str = field(default="", metadata=_help("cache root (local path or fsspec URL), e.g. cache/NAME"))
-    tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the server's own)"))
+    out: str = field(default="", metadata=_help("cache root (local path or fsspec URL), e.g. cache/NAME",
+                                                metavar="ROOT"))
+    tokenizer: str | None = field(default=None, metadata=_help(
+        "tokenizer directory (default: the server's own)", metavar="DIR"))
     vocab_limit: int | None = field(default=None, metadata=_help(
-        "targets over the first N ids only (default: the teacher's common vocabulary)"))
+        "targets over the first N ids only (default: the teacher's common vocabulary)", metavar="N"))
     encoding: str = field(default=DEFAULT_VALUE_ENCODING, metadata=_help(
         f"stored log-prob encoding: {', '.join(VALUE_ENCODINGS)}", choices=VALUE_ENCODINGS))
     batch_samples: int = field(default=16, metadata=_help("samples per request"))
@@ -92,16 +95,17 @@ class FillConfig(CommandConfig):
         "Blosc (zstd) level of the written segments, 1-9: lower writes faster, a little larger"))
     retries: int = field(default=6, metadata=_help("attempts per request before giving up"))
     backoff_s: float = field(default=0.5, metadata=_help(
-        "first back-off after a failed request, seconds (doubles)", flag="--backoff"))
+        "first back-off after a failed request, seconds (doubles)", flag="--backoff", metavar="S"))
     max_backoff_s: float = field(default=30.0, metadata=_help(
-        "longest back-off between attempts, seconds", flag="--max-backoff"))
-    timeout_s: float = field(default=600.0, metadata=_help("seconds per request", flag="--timeout"))
+        "longest back-off between attempts, seconds", flag="--max-backoff", metavar="S"))
+    timeout_s: float = field(default=600.0, metadata=_help("seconds per request", flag="--timeout", metavar="S"))
     wait_ready_s: float = field(default=120.0, metadata=_help(
-        "seconds to wait for the servers' /readyz at start", flag="--wait-ready"))
+        "seconds to wait for the servers' /readyz at start", flag="--wait-ready", metavar="S"))
     max_length: int = field(default=2048, metadata=_help("longest prepared sample in tokens"))
     on_error: str = field(default="raise", metadata=_help(
         "for samples that fail preparation: raise or skip", choices=ON_ERROR))
-    token_file: str | None = field(default=None, metadata=_help("file holding the servers' bearer token"))
+    token_file: str | None = field(default=None, metadata=_help("file holding the servers' bearer token",
+                                                                metavar="FILE"))
     progress: bool = field(default=True, metadata=_help("progress bar"))
 
     def problems(self) -> list[str]:
@@ -327,8 +331,9 @@ def _fill_group(cfg: FillConfig, ds, group, infos: dict[str, Info], urls: list[s
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
-        return action.help if action.default is None else super()._get_help_string(action)
+    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)" nor of required ones
+        plain = action.default in (None, "") or action.required
+        return action.help if plain else super()._get_help_string(action)
 
 
 def add_fill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

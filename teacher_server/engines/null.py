@@ -43,7 +43,7 @@ AUTOCORR_RANK = 32        # rank of the synthetic R = H H^T (as bench/cache_io.p
 
 @dataclass
 class _Pool:
-    ids: np.ndarray        # int64 [POOL_ROWS, k], descending probability per row
+    ids: np.ndarray        # int32 [POOL_ROWS, k], descending probability per row
     logprobs: np.ndarray   # float32 [POOL_ROWS, k]
     tail: np.ndarray       # float32 [POOL_ROWS]
 
@@ -100,7 +100,8 @@ class NullEngine(Engine):
                 from logit_cache.synthetic import teacher_like_topk
 
                 t = teacher_like_topk(POOL_ROWS, vocab_limit, k, seed=vocab_limit)
-                pool = self._pools[vocab_limit] = _Pool(t.ids, t.logprobs, t.tail)
+                # int32 ids: what the wire carries, so answering costs no conversion
+                pool = self._pools[vocab_limit] = _Pool(t.ids.astype(np.int32), t.logprobs, t.tail)
             return pool
 
     def _autocorr_pool(self, nv: int) -> np.ndarray:
