@@ -272,6 +272,10 @@ async def stream_targets(chunks: list[Chunk], urls: list[str], *, token: str | N
                     stop.set()
                     return
                 chunk.last_error, retry_after = str(e), e.retry_after  # the server may come back
+            except Exception as e:  # noqa: BLE001 - e.g. an image file gone since the data was prepared:
+                fatal.append(f"a request failed: {type(e).__name__}: {e}")  # stop, never hang the others
+                stop.set()
+                return
             chunk.attempts += 1
             failures[url] += 1
             stats.retries += 1

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,23 @@ def test_lock_of_a_killed_fill_is_taken_over(server, slow_data, tmp_path):
     assert f"took over a stale lock of pid {first.pid}" in err and "no longer runs" in err, err
     rep = _verify(_group(root))
     assert rep["ok"] and rep["samples"] == rep["unique_keys"] == 30 and rep["duplicates"] == 0
+
+
+def test_an_image_gone_since_preparation_stops_the_fill_with_one_line(server, tmp_path, capsys, monkeypatch):
+    import deploy.fill_pipeline as pipeline
+    from ckd_common.synth import synthesize
+
+    synthesize(tmp_path / "d", seed=6, n_pretrain=6, n_instruct=0, n_eval=0)
+    data = tmp_path / "d" / "pretrain.json"
+    real_encode = pipeline.encode_chunk
+
+    def encode_after_deletion(chunk, *args):  # the data was prepared; now the files go away
+        for s in chunk.samples:
+            if s.image_path:
+                Path(s.image_path).unlink(missing_ok=True)
+        return real_encode(chunk, *args)
+
+    monkeypatch.setattr(pipeline, "encode_chunk", encode_after_deletion)
+    rc, err = _cli(_argv(server.url, data, tmp_path / "cache", "--batch-samples", "2"), capsys)
+    line = _error_line(err)
+    assert rc == 1 and "a request failed: FileNotFoundError" in line and "re-run the same command" in line, line
