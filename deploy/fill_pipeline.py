@@ -175,13 +175,13 @@ def remove_own_partial_segments(group) -> list[str]:
     mine = f"-{socket.gethostname()}-{os.getpid()}-"
     mine = "".join(c if c.isalnum() or c == "-" else "-" for c in mine)
     removed = []
-    for seg in group.uncommitted_segments():
-        if mine in seg:
-            try:
+    try:
+        for seg in group.uncommitted_segments():
+            if mine in seg:
                 group.storage.rm(group.name, "segments", seg, recursive=True)
                 removed.append(seg)
-            except OSError:
-                pass  # `logit_cache gc` removes it later
+    except OSError:
+        pass  # `logit_cache gc` removes what is left later
     return removed
 
 
