@@ -17,13 +17,17 @@ CacheWriter.add: triangles unpacked to matrices and packed again) and of this on
 CacheWriter.add_encoded) on the same response frames, serially in this process.
 
 Rates are wall-clock samples/s of the send phase (first request to last commit; the data is
-prepared before). The machine is shared: CPU milliseconds per sample (fill process + server
-process) are printed too, and ``2000 / (client + server ms)`` is what two idle cores allow.
+prepared before). The machine is shared: CPU milliseconds per sample of the fill process and of the
+server process are printed too; ``2000 / ms`` is what two idle cores allow (for the fill alone, and
+with this null server on the same cores). ``--also-clevel N`` fills again at another Blosc level,
+and a table shows where compression time goes per array.
 
-    python bench/fill_host.py [--samples 3072] [--writers 2] [--concurrency 4] [--baseline-ref main]
+    python bench/fill_host.py [--samples 3072] [--writers 2] [--concurrency 4] [--also-clevel 2]
 
 Last line: ``RESULT fill_host_samples_per_s=... baseline_samples_per_s=... speedup=...
-client_cpu_ms_per_sample=... server_cpu_ms_per_sample=... two_core_capacity_samples_per_s=...``
+client_cpu_ms_per_sample=... baseline_client_cpu_ms_per_sample=... server_cpu_ms_per_sample=...
+fill_alone_two_core_samples_per_s=... with_server_two_core_samples_per_s=... kib_per_sample=...``
+(plus ``..._clevelN`` fields for every ``--also-clevel N``).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -155,22 +160,55 @@ def export_ref(ref: str, dest: Path) -> Path | None:
 
 
 def run_baseline(tree: Path, url: str, data: Path, images: Path, out: Path, a) -> tuple[float, float, str]:
-    """Another tree's ``logit_cache fill`` as its own process: (samples/s of its send phase, CPU s, line)."""
+    """Another tree's ``logit_cache fill`` as its own process: (samples/s of its send phase, CPU s of
+    its send phase, its summary line). The CPU is that of the fill minus that of the same command
+    run again with nothing left to send (imports, data preparation, resume check)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run([sys.executable, "-m", "logit_cache", "-q", "fill", "--server", url, "--data", str(data),
-                        "--images", str(images), "--template", PRETRAIN, "--k", str(a.k), "--out", str(out),
-                        "--batch-samples", str(a.batch_samples), "--concurrency", "2"],
-                       cwd=tree, env=env, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    cmd = [sys.executable, "-m", "logit_cache", "-q", "fill", "--server", url, "--data", str(data), "--images",
+           str(images), "--template", PRETRAIN, "--k", str(a.k), "--out", str(out), "--batch-samples",
+           str(a.batch_samples), "--concurrency", "2"]
+    cpu = []
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if r.returncode != 0:
+            raise SystemExit(f"the baseline fill failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        cpu.append((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime))
+        if len(cpu) == 1:
+            line = r.stderr.strip().splitlines()[-1]
     m = re.search(r"([0-9.]+) samples/s", line)
-    if r.returncode != 0 or not m:
-        raise SystemExit(f"the baseline fill failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    return float(m.group(1)), (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), line
+    if not m:
+        raise SystemExit(f"no rate in the baseline's summary line: {line!r}")
+    return float(m.group(1)), cpu[0] - cpu[1], line
 
 
-def stage_costs(url: str, data: Path, images: Path, a, work: Path, reps: int = 3) -> list[tuple[str, float, float]]:
+def compression_by_array(block: dict, levels=(2, 6)) -> list[tuple[str, list[tuple[float, float]]]]:
+    """(array, [(CPU ms, KiB) per image sample at each Blosc level]) for the arrays of ``block``, in
+    the chunks the writer uses: where the compression time goes and what it buys."""
+    import numcodecs
+
+    from logit_cache.store import DEFAULT_AUTOCORR_CHUNK, DEFAULT_CHUNK_ROWS
+
+    n = len(block["keys"])
+    out = []
+    for name, arr in block.items():
+        if name == "keys" or name.endswith("_offsets") or not arr.size:
+            continue
+        rows = DEFAULT_AUTOCORR_CHUNK if name == "autocorr" else DEFAULT_CHUNK_ROWS
+        row = []
+        for level in levels:
+            codec = numcodecs.Blosc(cname="zstd", clevel=level,
+                                    shuffle=numcodecs.Blosc.SHUFFLE if arr.dtype.itemsize > 1 else numcodecs.Blosc.NOSHUFFLE)
+            t, size = time.thread_time(), 0
+            for i in range(0, len(arr), rows):
+                size += len(codec.encode(np.ascontiguousarray(arr[i:i + rows])))
+            row.append(((time.thread_time() - t) * 1e3 / n, size / 1024 / n))
+        out.append((name, row))
+    return out
+
+
+def stage_costs(url: str, data: Path, images: Path, a, work: Path, reps: int = 4):
     """CPU ms per image sample of each stage, baseline code path vs this one, on the same frames."""
     import httpx
 
@@ -216,7 +254,20 @@ def stage_costs(url: str, data: Path, images: Path, a, work: Path, reps: int = 3
     rows.append(("writer add (checks, encoding: old)", old, new))
     compress = cpu_ms(lambda i: group.write_segment(new_blocks[i], clevel=a.clevel))
     rows.append((f"commit: compress, checksum, write (clevel {a.clevel})", compress, compress))
-    return rows
+    from logit_cache.store import concat_blocks
+
+    return rows, compression_by_array(concat_blocks(list(new_blocks.values())))
+
+
+@dataclass
+class Run:
+    clevel: int
+    rate: float               # samples/s, wall clock of the send phase
+    client_ms: float          # CPU ms per sample of the fill process (all threads), send phase
+    server_ms: float          # CPU ms per sample of the server process meanwhile
+    kib: float                # on disk per sample
+    segments: list[int]
+    stats: object
 
 
 def main() -> None:
@@ -229,6 +280,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--writers", type=int, default=2)
     ap.add_argument("--clevel", type=int, default=None, help="Blosc level (default: logit_cache's)")
+    ap.add_argument("--also-clevel", type=int, action="append", default=[],
+                    help="fill again at this Blosc level (repeatable): the price of compression, side by side")
     ap.add_argument("--segment-mb", type=int, default=None, help="(default: the fill's)")
     ap.add_argument("--workdir", default=None, help="keep everything here (default: a temporary directory)")
     a = ap.parse_args()
@@ -253,59 +306,80 @@ def main() -> None:
         try:
             extra = {} if a.segment_mb is None else {"segment_mb": a.segment_mb}
 
-            def run(n: int, out: str):
+            def run(n: int, out: str, clevel: int) -> Run:
                 d = data if n == a.samples else subset(data, n)
                 cfg = FillConfig([url], str(d), str(images), PRETRAIN, a.k, str(work / out), batch_samples=a.batch_samples,
-                                 concurrency=a.concurrency, writers=a.writers, clevel=a.clevel, progress=False, **extra)
+                                 concurrency=a.concurrency, writers=a.writers, clevel=clevel, progress=False, **extra)
                 s0 = cpu_seconds(proc.pid)
                 st = fill(cfg)
-                return st, cpu_seconds(proc.pid) - s0
+                server = cpu_seconds(proc.pid) - s0
+                assert st.written == n, st
+                seg = sorted(json.loads(p.read_text())["num_samples"] for p in (work / out).glob("*/manifests/*.json"))
+                kib = sum(f.stat().st_size for f in (work / out).rglob("*") if f.is_file()) / 1024 / n
+                shutil.rmtree(work / out)  # disk: every run writes about half a GiB per thousand samples
+                r = Run(clevel, n / st.send_seconds, st.cpu_seconds * 1e3 / n, server * 1e3 / n, kib, seg, st)
+                print(f"  filled {n} samples at clevel {clevel}: {r.rate:.1f} samples/s", flush=True)
+                return r
 
-            run(64, "warm")  # imports, connection, the server's first requests
-            st, server_cpu = run(a.samples, "cache")
-            assert st.written == a.samples, st
-            rate = st.written / st.send_seconds
-            client_ms, server_ms = st.cpu_seconds * 1e3 / st.written, server_cpu * 1e3 / st.written
-            seg = sorted(json.loads(p.read_text())["num_samples"] for p in (work / "cache").glob("*/manifests/*.json"))
-            on_disk = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file())
-            base_rate = base_line = None
+            run(64, "warm", a.clevel)  # imports, connection, the server's first requests
+            runs = [run(a.samples, f"cache-{level}", level) for level in [a.clevel, *a.also_clevel]]
+            base = None
             if a.baseline_ref:
                 tree = export_ref(a.baseline_ref, work / "baseline-tree")
                 if tree is None:
                     print(f"baseline: no git ref {a.baseline_ref!r} here; skipped")
                 else:
-                    shutil.rmtree(work / "cache", ignore_errors=True)  # disk: the baseline writes as much again
                     s0 = cpu_seconds(proc.pid)
                     base_rate, base_cpu, base_line = run_baseline(tree, url, subset(data, a.baseline_samples), images,
                                                                   work / "baseline-cache", a)
-                    base_server_ms = (cpu_seconds(proc.pid) - s0) * 1e3 / a.baseline_samples
-            stages = stage_costs(url, data, images, a, work)
+                    base_server_ms = (cpu_seconds(proc.pid) - s0) * 1e3 / a.baseline_samples  # two runs: the 2nd sends nothing
+                    base = (base_rate, base_cpu * 1e3 / a.baseline_samples, base_server_ms, base_line)
+                    shutil.rmtree(work / "baseline-cache", ignore_errors=True)
+            stages, by_array = stage_costs(url, data, images, a, work)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
 
         print(f"\nshapes: 728 visual tokens, vocabulary 151,936, k={a.k}, q8 values; {a.batch_samples} samples per "
-              f"request, {a.concurrency} requests in flight, {a.writers} writer threads, clevel {a.clevel}")
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (shared)")
-        print(f"\nthis tree: {st.written} image samples in {st.send_seconds:.1f}s = {rate:.1f} samples/s; "
-              f"{len(seg)} segments of {seg} samples, {on_disk / st.written / 1024:.0f} KiB/sample on disk")
-        n = st.written
-        print(f"  busy seconds per sample, summed over concurrent workers: encode {st.encode_seconds / n * 1e3:.2f} ms, "
-              f"HTTP {st.http_seconds / n * 1e3:.2f} ms (server work + transfer, requests overlap), decode "
-              f"{st.decode_seconds / n * 1e3:.2f} ms, write {st.write_seconds / n * 1e3:.2f} ms")
-        print(f"  CPU per sample: fill process {client_ms:.2f} ms (all threads), server {server_ms:.2f} ms -> two idle "
-              f"cores allow {2000 / (client_ms + server_ms):.0f} samples/s")
-        if base_rate is not None:
-            print(f"baseline ({a.baseline_ref}): {a.baseline_samples} image samples: {base_line}")
-            print(f"  CPU per sample: fill process {base_cpu * 1e3 / a.baseline_samples:.2f} ms (data preparation "
-                  f"and imports included), server {base_server_ms:.2f} ms")
-        print("\nCPU ms per image sample by stage, serial, same frames (baseline path vs this path):")
+              f"request, {a.concurrency} requests in flight, {a.writers} writer threads")
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (shared: wall-clock "
+              f"rates depend on what else runs; CPU per sample much less)")
+        print("\nthis tree (send phase: first request to last commit):")
+        for r in runs:
+            st, n = r.stats, r.stats.written
+            print(f"  clevel {r.clevel}: {r.rate:.1f} samples/s wall; CPU per sample: fill {r.client_ms:.2f} ms (all "
+                  f"threads), server {r.server_ms:.2f} ms; {r.kib:.0f} KiB/sample on disk; segments {r.segments}")
+            print(f"    busy ms per sample, summed over concurrent workers: encode {st.encode_seconds / n * 1e3:.2f}, "
+                  f"HTTP {st.http_seconds / n * 1e3:.2f} (server + transfer, overlapping), decode "
+                  f"{st.decode_seconds / n * 1e3:.2f}, write {st.write_seconds / n * 1e3:.2f}")
+            print(f"    two idle cores allow {2000 / r.client_ms:.0f} samples/s for the fill alone, "
+                  f"{2000 / (r.client_ms + r.server_ms):.0f} with this null server on the same cores")
+        if base is not None:
+            print(f"baseline ({a.baseline_ref}, clevel {DEFAULT_CLEVEL}): {a.baseline_samples} samples: {base[3]}")
+            print(f"  CPU per sample: fill {base[1]:.2f} ms (send phase: a second, empty run subtracted), "
+                  f"server {base[2]:.2f} ms")
+        print("\nCPU ms per image sample by stage, serial, same frames (baseline path | this path):")
         for name, old, new in stages:
-            print(f"  {name:<40} {old:8.2f} {new:8.2f}")
-        speedup = f"{rate / base_rate:.2f}" if base_rate else "nan"
-        print(f"RESULT fill_host_samples_per_s={rate:.1f} baseline_samples_per_s={base_rate or float('nan'):.1f} "
-              f"speedup={speedup} client_cpu_ms_per_sample={client_ms:.2f} server_cpu_ms_per_sample={server_ms:.2f} "
-              f"two_core_capacity_samples_per_s={2000 / (client_ms + server_ms):.0f}")
+            print(f"  {name:<48} {old:8.2f} {new:8.2f}")
+        print("\nBlosc/zstd per array, per image sample (CPU ms, KiB), by level:")
+        for name, row in by_array:
+            print(f"  {name:<14} " + "   ".join(f"clevel {lv}: {ms:6.2f} ms {kib:7.1f} KiB"
+                                               for lv, (ms, kib) in zip((2, 6), row)))
+        r0 = runs[0]
+        fields = {"fill_host_samples_per_s": f"{r0.rate:.1f}",
+                  "baseline_samples_per_s": f"{base[0]:.1f}" if base else "nan",
+                  "speedup": f"{r0.rate / base[0]:.2f}" if base else "nan",
+                  "client_cpu_ms_per_sample": f"{r0.client_ms:.2f}",
+                  "baseline_client_cpu_ms_per_sample": f"{base[1]:.2f}" if base else "nan",
+                  "server_cpu_ms_per_sample": f"{r0.server_ms:.2f}",
+                  "fill_alone_two_core_samples_per_s": f"{2000 / r0.client_ms:.0f}",
+                  "with_server_two_core_samples_per_s": f"{2000 / (r0.client_ms + r0.server_ms):.0f}"}
+        for r in runs[1:]:
+            fields[f"fill_host_samples_per_s_clevel{r.clevel}"] = f"{r.rate:.1f}"
+            fields[f"client_cpu_ms_per_sample_clevel{r.clevel}"] = f"{r.client_ms:.2f}"
+            fields[f"kib_per_sample_clevel{r.clevel}"] = f"{r.kib:.0f}"
+        fields["kib_per_sample"] = f"{r0.kib:.0f}"
+        print("RESULT " + " ".join(f"{k}={v}" for k, v in fields.items()))
     finally:
         if tmp is not None:
             tmp.cleanup()
