@@ -24,14 +24,18 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m deploy.demo --workdir runs/demo
 
+# Tiers (tests/conftest.py enforces the first two): unmarked = fast in-process unit tests;
+# `integration` = starts a process, a server or DeepSpeed; `slow` = in-process real-shape forwards
+# (seconds each); `gpu` = CUDA only (skipped without it). Per-test timeouts and the timeout method
+# are in pyproject.toml; the slowest tests' durations are printed.
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not integration and not gpu and not slow" --durations=10 $(PYTEST_ARGS)
 
 test-integration: venv
-	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m integration --durations=25 $(PYTEST_ARGS)
 
 bench: venv
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -15,6 +15,13 @@ Note the honest arithmetic: building G costs V d^2 ~ 1.2e11 MACs, about as much 
 sample (Nv V d + Nv^2 V ~ 1.8e11), so without a cached G the trick wins only by amortising G over
 the samples of a batch (and by never holding [Nv, V]); with a cached G it wins ~Nv V / d^2 ~ 100x.
 
+Factored targets (format-2 caches): the trainer's relation term from the teacher's factor U [Nv, r]
+(relation_loss with a FactorTarget) against the same term from the dense target U U^T, forward +
+backward w.r.t. H and W with G rebuilt (DFT), flat and column:        -> rel_factored_time_ratio_*
+and the teacher's factorisation of a batch of R (factor_autocorr: randomized subspace iteration
++ int8 quantisation + the exact share) against a full eigh, per sample: -> factorise_ms_*.
+The factorisation runs on the teacher's GPU in production; these CPU times bound it from above.
+
 Memory: peak RSS growth of each variant, measured in-process by resetting the kernel's high-water
 mark (write "5" to /proc/self/clear_refs) before the call and reading VmHWM after it.
 Accuracy: max |R_gram - R_naive| / max |R_naive| (both float32) against a float64 check.
@@ -42,6 +49,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from _procmem import reset_peak, status_kib  # noqa: E402  (bench/ is on sys.path when run as a script)
 from ckd_common.kd import gram_autocorr, lm_head_gram, rel_loss  # noqa: E402
+from ckd_common.kd.relation import FactorTarget, factor_autocorr, relation_loss  # noqa: E402
+from logit_cache.synthetic import teacher_like_autocorr  # noqa: E402
 
 
 def measure(fn, repeats: int) -> tuple[float, float]:
@@ -64,6 +73,38 @@ def measure(fn, repeats: int) -> tuple[float, float]:
 def naive_autocorr(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     z = h @ w.T  # [Nv, V]
     return z @ z.T
+
+
+def factored(args, weight: torch.Tensor, hs: list[torch.Tensor], rank: int = 48) -> dict[str, float]:
+    """The relation term from a factor vs from its dense matrix; the teacher's factorisation cost."""
+    import numpy as np
+
+    nv = hs[0].shape[0]
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(nv, rank, generator=g) * (0.8 ** torch.arange(rank, dtype=torch.float32))
+    out = {}
+    for variant in ("flat", "column"):
+        def step(target):
+            def run():
+                w = weight.detach().requires_grad_()
+                h = hs[0].detach().requires_grad_()
+                relation_loss(h, lm_head_gram(w), target, variant).backward()
+            return run
+        t_dense, _ = measure(step(u @ u.T), args.repeats)
+        t_fact, _ = measure(step(FactorTarget(u)), args.repeats)
+        print(f"relation term ({variant}, rank {rank}, fwd+bwd, G rebuilt): dense target {t_dense:.3f} s, "
+              f"factor {t_fact:.3f} s", flush=True)
+        out[f"rel_factored_time_ratio_{variant}"] = t_fact / t_dense
+    rng = np.random.default_rng(0)
+    rs = torch.from_numpy(np.stack([teacher_like_autocorr(nv, args.dim, rng, "typical") for _ in range(4)]))
+    factor_autocorr(rs[:1])
+    t_sub, _ = measure(lambda: factor_autocorr(rs), 1)
+    t_eigh, _ = measure(lambda: torch.linalg.eigh(rs), 1)
+    print(f"teacher factorisation of 4 x R[{nv}, {nv}] on CPU: factor_autocorr {t_sub / 4 * 1e3:.0f} ms/sample "
+          f"(subspace iteration, quantisation, exact share); a full eigh alone {t_eigh / 4 * 1e3:.0f} ms/sample")
+    out["factorise_ms_per_sample"] = t_sub / 4 * 1e3
+    out["eigh_ms_per_sample"] = t_eigh / 4 * 1e3
+    return out
 
 
 def main() -> None:
@@ -148,6 +189,7 @@ def main() -> None:
         kv[f"autocorr_peak_mem_ratio_train_b{batch}"] = m_tr_gram / m_tr_naive if m_tr_naive > 0 else float("nan")
         fwd_ratios.append(t_cached / t_naive)
     kv["autocorr_time_ratio"] = max(fwd_ratios)
+    kv.update(factored(args, weight, hs))
     lead = ["autocorr_time_ratio"]
     print("RESULT " + " ".join(f"{k}={kv[k]:.4g}" for k in lead + sorted(k for k in kv if k not in lead)))
 

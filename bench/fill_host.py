@@ -12,9 +12,10 @@ side in one run against the same server:
   baseline    the fill of another git ref (default ``main``), exported with ``git archive`` and run
               as its own process on the first --baseline-samples samples (it is much slower)
 
-plus, per stage and per image sample, the CPU cost of the baseline's code path (decode_response +
-CacheWriter.add: triangles unpacked to matrices and packed again) and of this one (decode_block +
-CacheWriter.add_encoded) on the same response frames, serially in this process.
+plus, per stage and per image sample, the CPU cost of the plain code path (decode_response +
+CacheWriter.add: SampleTargets per sample, each encoded into its record) and of the fast one
+(decode_block + CacheWriter.add_encoded: the wire-v2 frame straight into format-2 segment arrays,
+all samples of a response at once) on the same response frames, serially in this process.
 
 Rates are wall-clock samples/s of the send phase (first request to last commit; the data is
 prepared before). The machine is shared: CPU milliseconds per sample of the fill process and of the
@@ -183,19 +184,19 @@ def run_baseline(tree: Path, url: str, data: Path, images: Path, out: Path, a) -
     return float(m.group(1)), cpu[0] - cpu[1], line
 
 
-def compression_by_array(block: dict, levels=(2, 6)) -> list[tuple[str, list[tuple[float, float]]]]:
+def compression_by_array(block: dict, levels=(3, 6)) -> list[tuple[str, list[tuple[float, float]]]]:
     """(array, [(CPU ms, KiB) per image sample at each Blosc level]) for the arrays of ``block``, in
     the chunks the writer uses: where the compression time goes and what it buys."""
     import numcodecs
 
-    from logit_cache.store import DEFAULT_AUTOCORR_CHUNK, DEFAULT_CHUNK_ROWS
+    from logit_cache.layout import DEFAULT_CHUNK_ROWS, chunk_shape
 
     n = len(block["keys"])
     out = []
     for name, arr in block.items():
         if name == "keys" or name.endswith("_offsets") or not arr.size:
             continue
-        rows = DEFAULT_AUTOCORR_CHUNK if name == "autocorr" else DEFAULT_CHUNK_ROWS
+        rows = chunk_shape(name, arr, DEFAULT_CHUNK_ROWS)[0]
         row = []
         for level in levels:
             codec = numcodecs.Blosc(cname="zstd", clevel=level,
@@ -254,9 +255,9 @@ def stage_costs(url: str, data: Path, images: Path, a, work: Path, reps: int = 4
     rows.append(("writer add (checks, encoding: old)", old, new))
     compress = cpu_ms(lambda i: group.write_segment(new_blocks[i], clevel=a.clevel))
     rows.append((f"commit: compress, checksum, write (clevel {a.clevel})", compress, compress))
-    from logit_cache.store import concat_blocks
+    from logit_cache.layout import concat_blocks
 
-    return rows, compression_by_array(concat_blocks(list(new_blocks.values())))
+    return rows, compression_by_array(concat_blocks(list(new_blocks.values()), meta))
 
 
 @dataclass
@@ -293,6 +294,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory() if a.workdir is None else None
     work = Path(a.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["CKD_PREPARED_DIR"] = str(work / "prepared")  # the fills' prepared data (both trees): not ~/.cache
     try:
         t = time.perf_counter()
         model = teacher_dir(work)
@@ -364,7 +366,7 @@ def main() -> None:
         print("\nBlosc/zstd per array, per image sample (CPU ms, KiB), by level:")
         for name, row in by_array:
             print(f"  {name:<14} " + "   ".join(f"clevel {lv}: {ms:6.2f} ms {kib:7.1f} KiB"
-                                               for lv, (ms, kib) in zip((2, 6), row)))
+                                               for lv, (ms, kib) in zip((3, 6), row)))
         r0 = runs[0]
         fields = {"fill_host_samples_per_s": f"{r0.rate:.1f}",
                   "baseline_samples_per_s": f"{base[0]:.1f}" if base else "nan",

@@ -7,15 +7,20 @@ cascade and the demo on top, since those drive the server, cache and trainer.)
   ckd model compose --vision DIR --llm DIR --out DST [--strategy full|patch] [--image-aspect-ratio square|pad]
   ckd model info DIR
   ckd data synth --out DIR [--seed S --n-pretrain N --n-instruct N --n-eval N]
-  ckd data prepare --model DIR --data FILE --images DIR --template pretrain|qwen2_base
+  ckd data prepare --model DIR --data FILE --images DIR --template pretrain|qwen2_base [--workers N]
+                   [--root DIR] [--max-length N] [--on-error raise|skip] [--max-image-pixels N]
+                   [--allow-outside-images] [--rebuild]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from ckd_common.config import ConfigError
-from ckd_common.data import DataError
+from ckd_common.config import CommandConfig, ConfigError, add_arguments, from_args
+from ckd_common.data import DEFAULT_MAX_LENGTH, MAX_IMAGE_PIXELS, DataError
 from ckd_common.model import IMAGE_ASPECT_RATIOS, PRESETS, ModelLoadError
 from ckd_common.templates import QWEN2_BASE, TEMPLATE_NAMES
 
@@ -60,21 +65,78 @@ def add_common_commands(sub) -> None:
     d.add_argument("--n-pretrain", type=int, default=400)
     d.add_argument("--n-instruct", type=int, default=400)
     d.add_argument("--n-eval", type=int, default=200)
-    d = dsub.add_parser("prepare", help="validate a LLaVA json file and report what a model sees")
-    d.add_argument("--model", required=True)
-    d.add_argument("--data", required=True)
-    d.add_argument("--images", default=None)
-    d.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
-    d.add_argument("--max-length", type=int, default=2048)
-    d.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    d = dsub.add_parser("prepare", help="prepare a LLaVA json file once for a model (docs/prepared-data.md) and "
+                                        "report what the model sees")
+    add_arguments(d, PrepareConfig)
+
+
+def _opt(default=None, **meta):
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class PrepareConfig(CommandConfig):
+    """``ckd data prepare``: one prepared dataset (ckd_common.prepared) for a model's tokenizer and
+    visual-token count, built in parallel or, when it exists and is current, only reported."""
+
+    model: Path = _opt(dataclasses.MISSING, help="the model the data is for: an HF llava directory (its config.json and tokenizer; "
+                            "no weights are loaded)")
+    data: Path = _opt(dataclasses.MISSING, help="LLaVA json / jsonl")
+    template: str = _opt(dataclasses.MISSING, choices=TEMPLATE_NAMES, help="the conversation template (pretrain: DPT/PT, qwen2_base: "
+                                                      "SFT/DFT/FT)")
+    images: Path | None = _opt(help="image root of the data's 'image' paths")
+    max_length: int = _opt(DEFAULT_MAX_LENGTH, help="longest sample in tokens (longer ones are truncated)")
+    on_error: str = _opt("raise", choices=("raise", "skip"), help="bad records: fail naming the first, or leave them "
+                         "out and count them (the dataset is written either way)")
+    workers: int | None = _opt(help="preparation processes (default: every core)")
+    root: Path | None = _opt(help="where prepared datasets live (default: $CKD_PREPARED_DIR, else "
+                                  "~/.cache/llava-ckd/prepared)")
+    max_image_pixels: int = _opt(MAX_IMAGE_PIXELS, help="images with more pixels (from the file header) are bad data")
+    allow_outside_images: bool = _opt(False, help="accept image paths that resolve outside --images (absolute, "
+                                                  "'..', symlinks out)")
+    rebuild: bool = _opt(False, help="prepare again even if a current prepared dataset exists")
+    progress: bool = _opt(True, help="progress bar")
+
+    def problems(self) -> list[str]:
+        from ckd_common.config import path_problems
+
+        p = path_problems(model=(self.model, "dir"), data=(self.data, "file"))
+        if self.images is not None and not Path(self.images).is_dir():
+            p.append(f"images: directory {self.images} does not exist")
+        if self.template not in TEMPLATE_NAMES:
+            p.append(f"template {self.template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
+        if self.max_length < 16:
+            p.append(f"max_length must be >= 16, got {self.max_length}")
+        if self.workers is not None and self.workers < 1:
+            p.append(f"workers must be >= 1, got {self.workers}")
+        if self.max_image_pixels < 1:
+            p.append(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.on_error not in ("raise", "skip"):
+            p.append(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        return p
+
+
+def prepare_data(cfg: PrepareConfig):
+    """Run ``ckd data prepare``: returns the opened PreparedData."""
+    from ckd_common.model import data_contract
+    from ckd_common.prepared import PrepareSpec, obtain
+
+    cfg.validate()
+    contract, tok = data_contract(cfg.model)
+    spec = PrepareSpec.of(cfg.data, cfg.images, cfg.template, contract, cfg.max_length,
+                          max_image_pixels=cfg.max_image_pixels, allow_outside_images=cfg.allow_outside_images)
+    return obtain(spec, tok, root=cfg.root, on_error=cfg.on_error, workers=cfg.workers, progress=cfg.progress,
+                  rebuild=cfg.rebuild)
 
 
 def prepare_report(ds) -> str:
     """What ``ckd data prepare`` prints: counts, skipped samples by reason, where this data is
     rendered differently from the reference (docs/templates.md) and tokenizer warnings."""
-    n_resp = sum(len(s.response_positions) for s in ds.samples)
-    lines = [f"{len(ds)} samples, {sum(s.length for s in ds.samples)} tokens, {n_resp} response positions, "
-             f"template {ds.template}, fingerprint {ds.fingerprint}"]
+    m = ds.manifest
+    lines = [f"{len(ds)} samples, {m['tokens']} tokens, {m['response_positions']} response positions, "
+             f"template {ds.template}, fingerprint {ds.fingerprint}",
+             f"  prepared dataset: {ds.path} ({m['records']} records in {m['seconds']} s with {m['workers']} "
+             f"worker(s); pass it as --prepared to the trainer and the fill)"]
     for reason, n in sorted((ds.skipped or {}).items()):
         lines.append(f"  skipped {n}: {reason}")
     for note, n in sorted((ds.notes or {}).items()):
@@ -114,14 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(synthesize(args.out, args.seed, args.n_pretrain, args.n_instruct, args.n_eval))
         elif args.cmd == "prepare":
-            from ckd_common.data import prepare_file
-            from ckd_common.model import load_vlm, model_info
-
-            model, tok = load_vlm(args.model)
-            info = model_info(model, tok)
-            ds = prepare_file(args.data, tok, args.template, info.num_visual_tokens, info.image_token_id,
-                              args.images, args.max_length, args.on_error, progress=True)
-            print(prepare_report(ds))
+            print(prepare_report(prepare_data(from_args(PrepareConfig, args))))
     else:
         raise ValueError(f"unknown command group {args.group!r}")
     return 0

@@ -71,8 +71,8 @@ def path_problems(**paths: tuple[Path | str | None, str]) -> list[str]:
 # ``str``, ``Path``, ``X | None``, ``tuple[X, X]`` = two values, ``list[X]`` = repeatable, ``bool`` =
 # ``--x/--no-x``), its default the default (no default = required), and
 # ``field(metadata={...})`` the rest: ``help``, ``choices``, ``group`` (argument group key), ``metavar``,
-# ``hidden`` (accepted, not shown in --help), ``flag`` (another option name than ``--field-name``,
-# e.g. an established one) and ``cli=False`` (not an option at all).
+# ``hidden`` (accepted, not shown in --help), ``flag`` (the option's name when it is not ``--field-name``,
+# e.g. a name users already type) and ``cli=False`` (not an option at all).
 # The same table parses values from other sources (``parse_value``: YAML overrides) and writes a
 # config back as a command line (``to_argv``: a parent process starting the command).
 

@@ -229,10 +229,8 @@ def is_tinyllava_dir(d: str | Path) -> bool:
         return False
 
 
-def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from an HF llava directory, offline."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
+def _check_llava_dir(model_dir: str | Path) -> Path:
+    """An HF llava directory whose config and saved processor agree; ModelLoadError otherwise."""
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise ModelLoadError(f"{d} is not a model directory (no config.json)")
@@ -253,6 +251,14 @@ def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: 
         if template not in TEMPLATE_NAMES:
             raise ModelLoadError(f"{d}/config.json: {TEMPLATE_CONFIG_KEY} {template!r} is not one of "
                                  f"{list(TEMPLATE_NAMES)}")
+    return d
+
+
+def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) from an HF llava directory, offline."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    d = _check_llava_dir(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(str(d), dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     return model.to(device), tok
@@ -364,6 +370,32 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class DataContract:
+    """What preparing data for a model needs of it (ModelInfo has the same fields), read from its
+    config.json and tokenizer alone: no weights, so no fingerprint."""
+
+    tokenizer_hash: str
+    num_visual_tokens: int
+    image_token_id: int
+    image_aspect_ratio: str
+    vision_strategy: str
+    image_size: int
+
+
+def data_contract(model_dir: str | Path):
+    """(DataContract, tokenizer) of an HF llava directory, without loading its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ckd_common.tokenizer import tokenizer_hash
+
+    d = _check_llava_dir(model_dir)
+    cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    return DataContract(tokenizer_hash(tok), num_visual_tokens(cfg), int(cfg.image_token_id), image_aspect_ratio(cfg),
+                        vision_strategy(cfg), int(cfg.vision_config.image_size)), tok
 
 
 def model_info(model, tokenizer) -> ModelInfo:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from ckd_common.data import MAX_IMAGE_PIXELS
+
 
 class Health(BaseModel):
     status: str = Field(description="'ok' while the process serves requests")
@@ -46,6 +48,9 @@ class Info(BaseModel):
     max_request_samples: int
     max_request_tokens: int
     max_body_bytes: int
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, description="largest image (width x height) the server "
+                                  "decodes (ckd_common.data.MAX_IMAGE_PIXELS or lower); data preparation for "
+                                  "this server refuses larger images up front")
     supported_templates: list[str]
     target_kinds: list[str] = Field(description="subset of text, visual, autocorr this engine produces")
     wire_version: int

@@ -38,6 +38,76 @@ class SparseTopK:
         return int(self.ids.shape[1])
 
 
+# The stated share of the factored autocorrelation (the teacher's default; torch-free so storage code
+# can name it): a sample's rank is the smallest that captures 99.99 % of ||R||_F^2 with its
+# eigenvalues, at most 80 columns. bench/cache_io.py: |delta(1 - cos)| stays ~1-3x (1 - share) on
+# teacher-like data, and 80 int8 columns of Nv = 728 keep an image sample <= 150 KiB.
+AUTOCORR_SHARE = 0.9999
+AUTOCORR_MAX_RANK = 80
+
+
+@dataclass
+class AutocorrFactor:
+    """The normalised visual autocorrelation R/||R||_F as a low-rank factor: R/||R||_F ~ U U^T.
+
+    codes [r, Nv] int8, scale [r] float32: column j of U (Nv values) is codes[j] * scale[j]
+          (one symmetric int8 scale per column: scale = max|U[:, j]| / 127).
+    share float: 1 - ||R/||R||_F - U U^T||_F^2, i.e. the share of ||R||_F^2 the stored factor
+          captures, quantisation included. It bounds the relation-loss error of this target for
+          ANY student: |delta (1 - cos)| <= 2 sqrt(1 - share) (docs/design.md §4.4).
+
+    r = 0 is the zero matrix (an all-zero R), stored exactly (share 1). The factor is computed by
+    the teacher (ckd_common.kd.relation.factor_autocorr) and is stored and sent verbatim.
+    ``np.asarray(factor)`` gives the dense [Nv, Nv] float32 U U^T (tests, tools).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    share: float
+
+    def __post_init__(self) -> None:
+        if self.codes.ndim != 2 or self.codes.dtype != np.int8:
+            raise ValueError(f"AutocorrFactor: codes must be int8 [r, Nv], got {self.codes.dtype} {self.codes.shape}")
+        if self.scale.shape != (self.codes.shape[0],):
+            raise ValueError(f"AutocorrFactor: scale {self.scale.shape} must be [r]={self.codes.shape[0]}")
+        self.share = float(self.share)
+
+    @property
+    def rank(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the matrix it stands for, [Nv, Nv] (as a dense autocorr would have)."""
+        return self.num_visual, self.num_visual
+
+    def factor(self) -> np.ndarray:
+        """U [Nv, r] float32."""
+        return (self.codes.astype(np.float32) * np.asarray(self.scale, np.float32)[:, None]).T
+
+    def dense(self) -> np.ndarray:
+        """U U^T [Nv, Nv] float32 (materialises Nv^2 values: for tests, tools and format-1 writers)."""
+        u = self.factor()
+        return u @ u.T
+
+    def __array__(self, dtype=None, copy=None):
+        d = self.dense()
+        return d if dtype is None else d.astype(dtype)
+
+
+def dense_autocorr(autocorr: "np.ndarray | AutocorrFactor | None") -> np.ndarray | None:
+    """The [Nv, Nv] float32 matrix a sample's autocorrelation target stands for (None stays None)."""
+    if autocorr is None:
+        return None
+    if isinstance(autocorr, AutocorrFactor):
+        return autocorr.dense()
+    return np.asarray(autocorr, dtype=np.float32)
+
+
 @dataclass
 class SampleTargets:
     """Everything the teacher emits for one prepared sample.
@@ -45,10 +115,13 @@ class SampleTargets:
     key       the sample key (ckd_common.keys.sample_key), hex string
     text      top-k at the response positions R = {t : labels[t+1] != -100}, ascending t
     visual    top-k at the visual span [v0, v0+Nv), unshifted; None for text-only samples
-    autocorr  [Nv, Nv] float32 symmetric R = Z Z^T divided by its Frobenius norm; None without image
+    autocorr  the visual autocorrelation R = Z Z^T divided by its Frobenius norm; None without
+              image. An AutocorrFactor (what the teacher sends and a format-2 cache stores), or a
+              dense [Nv, Nv] float32 symmetric matrix (the teacher's dense oracle path, format-1
+              caches).
     """
 
     key: str
     text: SparseTopK
     visual: SparseTopK | None = None
-    autocorr: np.ndarray | None = None
+    autocorr: "np.ndarray | AutocorrFactor | None" = None

@@ -3,7 +3,10 @@ and the visual span, normalised visual autocorrelation). One implementation, use
 server's HF engine, by tests, and by online distillation baselines.
 
 The model runs prefill only; everything vocab-sized stays on the model's device and lives one
-chunk of positions at a time; results cross to the host once per batch.
+chunk of positions at a time; results cross to the host once per batch. The autocorrelation leaves
+the device as its int8 low-rank factor (ckd_common.kd.relation.factor_autocorr: matrix products on
+the device, ~Nv x r bytes to the host); ``autocorr="dense"`` keeps the full float32 R/||R||_F, the
+oracle the factor is tested against.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 
 from ckd_common.kd import lm_head_gram, normalized_autocorr, teacher_targets_from_hidden
+from ckd_common.kd.relation import DEFAULT_MAX_RANK, DEFAULT_SHARE, factor_autocorr, factor_to_numpy
 from ckd_common.model import lm_head_weight
 from ckd_common.targets import SampleTargets, SparseTopK
 
@@ -56,9 +60,17 @@ class TeacherRunner:
     """Holds a teacher model and produces targets for batches of :class:`TeacherInput`.
 
     ``vocab_limit`` is the common vocabulary (targets never hold ids >= it); W^T W for the Gram
-    trick is computed once, since the teacher's lm_head is frozen."""
+    trick is computed once, since the teacher's lm_head is frozen. ``autocorr``: "factor" (the
+    stored form: rank chosen per sample to capture ``autocorr_share`` of ||R||_F^2, at most
+    ``autocorr_max_rank`` columns) or "dense" (the float32 matrix: the oracle)."""
 
-    def __init__(self, model, vocab_limit: int | None = None, chunk_size: int = 1024):
+    AUTOCORR_FORMS = ("factor", "dense")
+
+    def __init__(self, model, vocab_limit: int | None = None, chunk_size: int = 1024, autocorr: str = "factor",
+                 autocorr_share: float = DEFAULT_SHARE, autocorr_max_rank: int = DEFAULT_MAX_RANK):
+        if autocorr not in self.AUTOCORR_FORMS:
+            raise ValueError(f"TeacherRunner: autocorr={autocorr!r}; choose one of {self.AUTOCORR_FORMS}")
+        self.autocorr, self.autocorr_share, self.autocorr_max_rank = autocorr, autocorr_share, autocorr_max_rank
         self.model = model.eval()
         self.weight = lm_head_weight(model)
         self.vocab_limit = int(vocab_limit or self.weight.shape[0])
@@ -104,11 +116,9 @@ class TeacherRunner:
         t = torch.from_numpy(np.concatenate(rows_t).astype(np.int64)).to(h.device)
         ids, logprobs, tail = teacher_targets_from_hidden(h[b, t], self.weight, k, self.vocab_limit,
                                                           self.chunk_size)
-        autocorr = [normalized_autocorr(h[i, x.visual_start:x.visual_start + x.num_visual], gram=self.gram)
-                    for i, x in enumerate(inputs) if x.num_visual]
+        autocorr = self._autocorr(h, inputs)
         # one transfer per batch: everything to host together
         ids, logprobs, tail = ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
-        autocorr = [a.cpu().numpy() for a in autocorr]
         out, row, a = [], 0, 0
         for x in inputs:
             nt = len(x.response_positions)
@@ -122,4 +132,21 @@ class TeacherRunner:
                 ac = autocorr[a]
                 a += 1
             out.append(SampleTargets(x.key, text, visual, ac))
+        return out
+
+    def _autocorr(self, h: torch.Tensor, inputs: Sequence[TeacherInput]) -> list:
+        """Per image sample (in order): R/||R||_F as an AutocorrFactor, or dense float32 (host)."""
+        rs = [normalized_autocorr(h[i, x.visual_start:x.visual_start + x.num_visual], gram=self.gram)
+              for i, x in enumerate(inputs) if x.num_visual]
+        if self.autocorr == "dense" or not rs:
+            return [a.cpu().numpy() for a in rs]
+        out: list = [None] * len(rs)
+        by_nv: dict[int, list[int]] = {}
+        for j, a in enumerate(rs):  # samples of one model share Nv: in practice one batched call
+            by_nv.setdefault(a.shape[0], []).append(j)
+        for idx in by_nv.values():
+            codes, scale, rank, share = (t.cpu().numpy() for t in factor_autocorr(
+                torch.stack([rs[j] for j in idx]), self.autocorr_share, self.autocorr_max_rank))
+            for b, j in enumerate(idx):
+                out[j] = factor_to_numpy(codes[b], scale[b], rank[b], share[b])
         return out

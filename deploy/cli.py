@@ -5,6 +5,7 @@
   ckd fill --server URL --data F --out ROOT  fill a logit cache from teacher servers (= logit_cache fill)
   ckd cascade CONFIG.yaml                    a whole cascade: servers, caches, training, eval
   ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
+  ckd selftest [--device D] [--tiny]         check this machine before a long job (pass/fail table)
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    from deploy.selftest import __doc__ as selftest_doc
+    from deploy.selftest import add_selftest_arguments
+
+    add_selftest_arguments(sub.add_parser("selftest", help="check this machine before a long job: devices, "
+                                          "DeepSpeed ops, a teacher server, a fill, every training step, a "
+                                          "checkpoint round trip (pass/fail table)", description=selftest_doc,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -61,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from deploy.fill import run_fill
 
             return run_fill(args, prog="ckd fill")
+        if args.group == "selftest":
+            from deploy.selftest import main_from_args
+
+            return main_from_args(args)
         if args.group == "demo":
             from deploy.demo import run_demo
 

@@ -43,7 +43,7 @@ from ckd_common.protocol import Info, read_token_file
 from ckd_common.templates import PRETRAIN, TEMPLATE_NAMES
 from logit_cache import VALUE_ENCODINGS, CacheError, CacheMeta, open_group
 from logit_cache.meta import DEFAULT_VALUE_ENCODING
-from logit_cache.store import DEFAULT_CLEVEL
+from logit_cache.store import DEFAULT_CLEVEL, DEFAULT_SEGMENT_BYTES
 from teacher_server.client import ClientError, RetryableError, RetryPolicy, TeacherClient, Unauthorized
 
 from .fill_lock import FillLock, GroupLocked
@@ -88,9 +88,9 @@ class FillConfig(CommandConfig):
     writers: int = field(default=2, metadata=_help(
         "writer threads; each decodes answers and compresses and commits its own segments"))
     segment_rows: int = field(default=4096, metadata=_help("samples per committed segment (at most)"))
-    segment_mb: int = field(default=1024, metadata=_help(
-        "stored MiB per segment before compression (at most); a writer holds one segment in memory "
-        "(about twice this while committing)"))
+    segment_mb: int = field(default=DEFAULT_SEGMENT_BYTES >> 20, metadata=_help(
+        "encoded MiB per segment before compression (at most; ~2,400 image samples at 728 visual tokens, k=64, "
+        "q8); a writer holds one segment in memory (about twice this while committing)"))
     clevel: int = field(default=DEFAULT_CLEVEL, metadata=_help(
         "Blosc (zstd) level of the written segments, 1-9: lower writes faster, a little larger"))
     retries: int = field(default=6, metadata=_help("attempts per request before giving up"))
@@ -104,6 +104,9 @@ class FillConfig(CommandConfig):
     max_length: int = field(default=2048, metadata=_help("longest prepared sample in tokens"))
     on_error: str = field(default="raise", metadata=_help(
         "for samples that fail preparation: raise or skip", choices=ON_ERROR))
+    prepared: str | None = field(default=None, metadata=_help(
+        "the prepared dataset to fill (a directory `ckd data prepare` printed); refused if made for other inputs or "
+        "stale. Default: opened, or built once, under $CKD_PREPARED_DIR", metavar="DIR"))
     token_file: str | None = field(default=None, metadata=_help("file holding the servers' bearer token",
                                                                 metavar="FILE"))
     progress: bool = field(default=True, metadata=_help("progress bar"))
@@ -122,7 +125,8 @@ class FillConfig(CommandConfig):
         elif not Path(self.data).is_file():
             p.append(f"--data {self.data} does not exist")
         p += [f"--{n.replace('_', '-')} {v} is not a directory" for n, v in
-              (("images", self.images), ("tokenizer", self.tokenizer)) if v and not Path(v).is_dir()]
+              (("images", self.images), ("tokenizer", self.tokenizer), ("prepared", self.prepared))
+              if v and not Path(v).is_dir()]
         if self.token_file and not Path(self.token_file).is_file():
             p.append(f"--token-file {self.token_file} does not exist")
         if self.template not in TEMPLATE_NAMES:
@@ -220,9 +224,33 @@ def ask_servers(cfg: FillConfig, urls: list[str], token: str | None) -> tuple[di
 # the whole fill
 
 
+def server_pixel_limit(infos: dict[str, Info]) -> int:
+    """The largest image every server decodes: the lowest limit its /v1/info reports, at most ours
+    (ckd_common.data.MAX_IMAGE_PIXELS, also what a server that reports none applies)."""
+    from ckd_common.data import MAX_IMAGE_PIXELS
+
+    return min([MAX_IMAGE_PIXELS] + [int(getattr(i, "max_image_pixels", None) or MAX_IMAGE_PIXELS)
+                                     for i in infos.values()])
+
+
+def prepared_for_fill(cfg: FillConfig, info: Info, tok, pixel_limit: int):
+    """The prepared dataset of the fill's data, for the teacher's tokenizer and visual tokens: the one
+    ``--prepared`` names (checked), else opened or built under $CKD_PREPARED_DIR."""
+    from ckd_common.data import MAX_IMAGE_PIXELS
+    from ckd_common.prepared import PrepareSpec, obtain, use_prepared
+
+    spec = PrepareSpec.of(cfg.data, cfg.images, cfg.template, info, cfg.max_length, max_image_pixels=pixel_limit)
+    if cfg.prepared:
+        return use_prepared(cfg.prepared, spec, on_error=cfg.on_error, max_image_pixels=pixel_limit)
+    if pixel_limit < MAX_IMAGE_PIXELS:
+        print(f"fill: note: the servers decode at most {pixel_limit} pixels per image (less than the default "
+              f"{MAX_IMAGE_PIXELS}): larger images are left out of this data", file=sys.stderr)
+    return obtain(spec, tok, on_error=cfg.on_error, progress=cfg.progress)
+
+
 def fill(cfg: FillConfig) -> FillStats:
     """Run one fill (ConfigError for an invalid config, FillError when it cannot go on)."""
-    from ckd_common.data import DataError, prepare_file
+    from ckd_common.data import DataError
 
     cfg.validate()
     urls = [u.rstrip("/") for u in cfg.servers]
@@ -245,17 +273,14 @@ def fill(cfg: FillConfig) -> FillStats:
 
     t0 = time.perf_counter()
     try:
-        ds = prepare_file(cfg.data, tok, cfg.template, info.num_visual_tokens, info.image_token_id,
-                          cfg.images, max_length=cfg.max_length, on_error=cfg.on_error, progress=cfg.progress)
+        ds = prepared_for_fill(cfg, info, tok, server_pixel_limit(infos))
     except DataError as e:
-        raise FillError(f"cannot prepare {cfg.data}: {e} (use --on-error skip to leave such samples out)") from None
+        raise FillError(f"cannot prepare {cfg.data}: {e}") from None
     stats.prepare_seconds = time.perf_counter() - t0
-    if not ds.samples:
+    if not len(ds):
         raise FillError(f"{cfg.data}: no usable samples (skipped: {ds.skipped})")
-    for s in ds.samples:  # a tokenizer/model mismatch would otherwise surface as 422s mid-fill
-        if int(s.input_ids.max()) >= info.vocab_size:
-            raise FillError(f"sample {s.id}: token id {int(s.input_ids.max())} >= the teacher's vocabulary "
-                            f"{info.vocab_size}")
+    if ds.max_token_id >= info.vocab_size:  # a tokenizer/model mismatch would otherwise surface as 422s mid-fill
+        raise FillError(f"{cfg.data}: token id {ds.max_token_id} >= the teacher's vocabulary {info.vocab_size}")
 
     meta = CacheMeta.for_dataset(ds, teacher_fingerprint=info.teacher_fingerprint, tokenizer_hash=info.tokenizer_hash,
                                  vocab_size=vocab_limit, k=cfg.k, vision_strategy=info.vision_strategy,

@@ -43,6 +43,8 @@ def _ls(a) -> int:
                   f"visual_pos={m.visual_positions}")
         for s in g.uncommitted_segments():
             print(f"uncommitted {s}")
+        for s, why in g.damaged_manifests().items():
+            print(f"DAMAGED     {s}  manifest unreadable: {why}")
         return 0
     for name, m in list_groups(a.root).items():
         if isinstance(m, CacheMeta):
@@ -70,10 +72,13 @@ def _gc_args(p):
     p.add_argument("--min-age", type=float, default=3600.0,
                    help="seconds after which an uncommitted segment of a writer on another host is removed")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--remove-damaged", action="store_true",
+                   help="also delete segments whose manifest is damaged (their samples must then be re-filled); "
+                        "without it they are kept and listed")
 
 
 def _gc(a) -> int:
-    _json(gc(open_group(a.root, a.group), min_age_s=a.min_age, dry_run=a.dry_run))
+    _json(gc(open_group(a.root, a.group), min_age_s=a.min_age, dry_run=a.dry_run, remove_damaged=a.remove_damaged))
     return 0
 
 
@@ -95,7 +100,8 @@ def _compact(a) -> int:
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ls": (_ls_args, _ls, "list the groups of a root, or the segments of a group"),
     "info": (_group_args, _info, "metadata, counts, bytes per position, compression ratio"),
-    "verify": (_group_args, _verify, "checksums, offsets, value ranges; every committed key readable"),
+    "verify": (_group_args, _verify, "damaged manifests, checksums, offsets, value ranges; every committed key "
+                                     "readable (non-zero exit on any problem)"),
     "gc": (_gc_args, _gc, "remove uncommitted segments of dead writers and replaced segments"),
     "compact": (_compact_args, _compact, "merge small segments into large ones atomically"),
 }

@@ -1,4 +1,5 @@
-"""Value encodings of stored log-probs and the autocorrelation layout (see FORMAT.md).
+"""Value encodings of stored log-probs, the packing of wide token ids, and the format-1
+autocorrelation triangle (see FORMAT.md).
 
 f16  log-probs as IEEE float16 (-inf kept).
 q8   per position, lp0 = max finite log-prob (stored float16) and one uint8 code per entry:
@@ -40,6 +41,38 @@ def decode_q8(codes_delta: np.ndarray, lp0: np.ndarray) -> np.ndarray:
     return lp.astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# token ids (format 2): the low 16 bits as uint16, the bits above them packed MSB-first per id
+def ids_hi_bits(vocab_size: int) -> int:
+    """Bits above the low 16 that an id < vocab_size needs: 0 up to 65,536 ids, 2 for Qwen's 151,936
+    (2**17 = 131,072 is too few: 151,936 ids need 18 bits)."""
+    return max(0, (int(vocab_size) - 1).bit_length() - 16)
+
+
+def split_ids(ids: np.ndarray, hi_bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """[N, k] ids -> (low uint16 [N, k], high bits packed uint8 [N, ceil(k * hi_bits / 8)] or None)."""
+    ids = np.asarray(ids)
+    lo = (ids & 0xFFFF).astype(np.uint16)
+    if not hi_bits:
+        return lo, None
+    hi = (ids >> 16).astype(np.uint8)
+    bits = (hi[..., None] >> np.arange(hi_bits - 1, -1, -1, dtype=np.uint8)) & 1
+    return lo, np.packbits(bits.reshape(ids.shape[0], ids.shape[1] * hi_bits), axis=1)
+
+
+def join_ids(lo: np.ndarray, packed_hi: np.ndarray | None, hi_bits: int) -> np.ndarray:
+    """Inverse of split_ids -> int64 [N, k]."""
+    ids = np.asarray(lo).astype(np.int64)
+    if hi_bits and packed_hi is not None and ids.size:
+        n, k = ids.shape
+        bits = np.unpackbits(np.asarray(packed_hi, np.uint8), axis=1, count=k * hi_bits).reshape(n, k, hi_bits)
+        weights = (1 << np.arange(hi_bits - 1, -1, -1)).astype(np.int64)
+        ids |= (bits.astype(np.int64) @ weights) << 16
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# the format-1 autocorrelation: float16 upper triangle (read only)
 def triu_size(nv: int) -> int:
     return nv * (nv + 1) // 2
 

@@ -18,8 +18,8 @@ from .errors import CacheMismatchError, UnknownFormatVersion
 if TYPE_CHECKING:
     from ckd_common.data import PreparedDataset
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2        # written by this version (FORMAT.md)
+SUPPORTED_VERSIONS = (1, 2)  # read by this version: 1 read-only
 ATTR_KEY = "logit_cache"  # the group attribute holding CacheMeta
 VALUE_ENCODINGS = ("f16", "q8")  # how stored log-probs are encoded (FORMAT.md, encoding.py)
 DEFAULT_VALUE_ENCODING = "f16"
@@ -134,11 +134,6 @@ class CacheMeta:
             raise UnknownFormatVersion(d["format_version"], SUPPORTED_VERSIONS, where)
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-    @property
-    def ids_dtype(self) -> str:
-        """Smallest unsigned dtype that holds every id < vocab_size."""
-        return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
 
     @property
     def group_name(self) -> str:

@@ -3,6 +3,12 @@
 Random reads issue every array slice a sample needs concurrently on zarr's event loop (one
 round trip instead of ~10). The reader is thread-safe, survives ``fork`` (zarr arrays are
 re-opened per process) and pickles for spawn-based data-loader workers.
+
+Integrity: a reader refuses a group with a damaged manifest; in format 2 every chunk it decodes is
+checked against its crc32c and a missing chunk is an error, so corrupted bytes raise
+CacheCorruptError naming the segment and array instead of becoming targets. Format-1 chunks carry
+no checksums: :func:`verify_segments` checks such segments against their manifests' sha256 (the
+trainer does this when it opens a format-1 group).
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ from zarr.core.sync import sync
 from ckd_common.targets import SampleTargets
 
 from .errors import CacheError, KeyNotCachedError
+from .layout import KEY_BYTES, assemble, index_arrays, record_of, sample_slices
 from .meta import CacheMeta
-from .store import KEY_BYTES, CacheGroup, Storage, assemble, find_group, open_group
+from .storage import Storage
+from .store import CacheGroup, Manifest, corrupt_segment, find_group, open_group, verify_manifest_arrays
 
 
 class CacheReader:
@@ -25,6 +33,7 @@ class CacheReader:
 
     def __init__(self, group: CacheGroup) -> None:
         self.group, self.meta = group, group.meta
+        group.check_no_damage()
         self.manifests = group.committed()
         self.segments = [m.segment for m in self.manifests]
         self._pid = -1
@@ -34,23 +43,35 @@ class CacheReader:
     # -- index ---------------------------------------------------------------------------------
     def _open_arrays(self) -> list[dict[str, Any]]:
         if self._pid != os.getpid():
-            self._arrays = [self.group.segment_arrays(s) for s in self.segments]
-            self._pid = os.getpid()
+            arrays = []
+            for seg in self.segments:
+                try:
+                    arrays.append(self.group.segment_arrays(seg))
+                except Exception as e:  # noqa: BLE001 - unreadable array metadata
+                    raise corrupt_segment(self.group, seg, "zarr.json", e) from e
+            self._arrays, self._pid = arrays, os.getpid()
         return self._arrays
 
     def _build_index(self) -> None:
         arrays = self._open_arrays()
-        names = ("keys", "text_offsets", "visual_offsets", "autocorr_offsets")
+        names = index_arrays(self.meta)
+
+        async def load(si: int, name: str):
+            try:
+                return await arrays[si][name].async_array.getitem(slice(None))
+            except Exception as e:  # noqa: BLE001 - checksum / missing chunk
+                raise corrupt_segment(self.group, self.segments[si], name, e) from e
 
         async def load_all():
-            return await asyncio.gather(*[a[n].async_array.getitem(slice(None)) for a in arrays for n in names])
+            return await asyncio.gather(*[load(si, n) for si in range(len(arrays)) for n in names])
 
         flat = sync(load_all()) if arrays else []
-        self.offsets: list[dict[str, np.ndarray]] = []
+        self.index: list[dict[str, np.ndarray]] = []
         key_blocks, seg_of, row_of = [], [], []
         for si in range(len(arrays)):
-            keys, *offs = flat[si * len(names):(si + 1) * len(names)]
-            self.offsets.append(dict(zip(names[1:], offs)))
+            idx = dict(zip(names, flat[si * len(names):(si + 1) * len(names)]))
+            self.index.append(idx)
+            keys = idx["keys"]
             key_blocks.append(np.ascontiguousarray(keys, dtype=np.uint8).reshape(-1, KEY_BYTES))
             seg_of.append(np.full(len(keys), si, dtype=np.int32))
             row_of.append(np.arange(len(keys), dtype=np.int64))
@@ -91,46 +112,34 @@ class CacheReader:
         return int(self._seg[i]), int(self._row[i])
 
     # -- reads -----------------------------------------------------------------------------------
-    def _requests(self, si: int, r: int) -> list[tuple[str, Any, slice]]:
-        arrays = self._arrays[si]
-        offs = self.offsets[si]
-        req = []
-        for kind in ("text", "visual"):
-            o = offs[f"{kind}_offsets"]
-            sl = slice(int(o[r]), int(o[r + 1]))
-            for suf in ("ids", "lp", "tail", "lp0"):
-                name = f"{kind}_{suf}"
-                if name in arrays:
-                    req.append((name, arrays[name], sl))
-        o = offs["autocorr_offsets"]
-        req.append(("autocorr", arrays["autocorr"], slice(int(o[r]), int(o[r + 1]))))
-        return req
-
-    @staticmethod
-    async def _fetch(arr: Any, sl: slice) -> np.ndarray:
+    async def _fetch(self, si: int, name: str, sl: slice) -> np.ndarray:
+        arr = self._arrays[si][name]
         if sl.stop <= sl.start:
-            shape = (0, *arr.shape[1:])
-            return np.zeros(shape, dtype=arr.dtype)
-        return await arr.async_array.getitem(sl)
+            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        try:
+            return await arr.async_array.getitem(sl)
+        except Exception as e:  # noqa: BLE001 - checksum / decompression / missing chunk
+            raise corrupt_segment(self.group, self.segments[si], name, e) from e
 
     def get_many(self, keys: Iterable[str]) -> list[SampleTargets]:
-        """Read several samples with all their slices fetched concurrently."""
+        """Read several samples with all their slices fetched concurrently. CacheCorruptError
+        (naming the segment and the array) if any byte read differs from what was committed."""
         keys = list(keys)
         self._open_arrays()
         plans = []
         for key in keys:
             si, r = self._loc(key)
-            plans.append(self._requests(si, r))
+            plans.append((si, r, list(sample_slices(self.meta, self.index[si], r).items())))
 
         async def run():
-            return await asyncio.gather(*[self._fetch(a, sl) for p in plans for _, a, sl in p])
+            return await asyncio.gather(*[self._fetch(si, name, sl) for si, _, p in plans for name, sl in p])
 
         flat = sync(run()) if plans else []
         out, i = [], 0
-        for key, p in zip(keys, plans):
-            parts = {name: flat[i + j] for j, (name, _, _) in enumerate(p)}
+        for key, (si, r, p) in zip(keys, plans):
+            parts = {name: flat[i + j] for j, (name, _) in enumerate(p)}
             i += len(p)
-            out.append(assemble(key, self.meta, parts))
+            out.append(assemble(key, self.meta, record_of(self.meta, self.index[si], r, parts)))
         return out
 
     def get(self, key: str) -> SampleTargets:
@@ -141,7 +150,10 @@ class CacheReader:
     def iter_samples(self) -> Iterator[SampleTargets]:
         """Every committed sample, segment by segment (bulk reads: the fast sequential path)."""
         for si, seg in enumerate(self.segments):
-            data = self.group.load_segment(seg)
+            try:
+                data = self.group.load_segment(seg)
+            except Exception as e:  # noqa: BLE001 - checksum / missing chunk
+                raise corrupt_segment(self.group, seg, "(segment)", e) from e
             for r in range(len(data)):
                 key = data.key(r)
                 if self._loc(key) != (si, r):
@@ -160,6 +172,18 @@ class CacheReader:
         root, opts, name = d.pop("_root"), d.pop("_opts"), d.pop("_name")
         self.__dict__.update(d)
         self.group = CacheGroup(Storage(root, opts), name)
+
+
+def verify_segments(group: CacheGroup, manifests: Iterable[Manifest], progress: bool = False) -> int:
+    """Check whole segments against their manifests' sha256 (format 1 has no chunk checksums);
+    CacheCorruptError naming the first bad one. Returns the number of samples checked."""
+    from tqdm import tqdm
+
+    manifests = list(manifests)
+    n = 0
+    for m in tqdm(manifests, desc=f"checking {group.name}", unit="segment", disable=not progress):
+        n += len(verify_manifest_arrays(group, m))
+    return n
 
 
 def open_for_training(root: str | os.PathLike, expected: CacheMeta | dict[str, Any],

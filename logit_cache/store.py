@@ -3,7 +3,14 @@
 A root (local path or fsspec URL) holds one Zarr v3 group per (dataset, template). Each writer
 owns its own immutable segment (a Zarr subgroup ``segments/<id>``); a segment becomes visible
 only when its manifest ``manifests/<id>.json`` (counts + sha256 of every array) is written, last
-and atomically. Readers list manifests, never segment directories.
+and atomically. Readers list manifests, never segment directories. What a segment's arrays hold
+is layout.py's business (per format version).
+
+Integrity (format 2): every chunk ends in a crc32c (the zarr v3 core codec), checked by zarr on
+every read, and every chunk is written (none is left implicit as "all fill value"), so a flipped
+byte or a missing chunk file stops a reader instead of being decoded into targets. Manifests are
+written by rename (or one PUT), so a manifest that exists but does not parse is damage, not a torn
+write: it is reported, never taken for "not committed".
 """
 from __future__ import annotations
 
@@ -13,100 +20,35 @@ import json
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from ckd_common.keys import KEY_HEX_CHARS
-from ckd_common.targets import SampleTargets, SparseTopK
+from ckd_common.targets import AUTOCORR_MAX_RANK, AUTOCORR_SHARE, AutocorrFactor, SampleTargets
 
-from .encoding import decode_q8, encode_q8, pack_autocorr, triu_size, unpack_autocorr
 from .errors import CacheCorruptError, CacheError, GroupNotFoundError, UnknownFormatVersion
+from .layout import (DEFAULT_CHUNK_ROWS, KEY_BYTES, POSITION_KINDS, array_names, assemble, chunk_shape, concat_blocks,
+                     concat_records, encode_record, record_nbytes, record_of, sample_slices, take_rows)
 from .meta import ATTR_KEY, FORMAT_VERSION, SUPPORTED_VERSIONS, CacheMeta, group_name
+from .storage import MissingChunkError, Storage
 
 SEGMENTS = "segments"
 MANIFESTS = "manifests"
-KEY_BYTES = KEY_HEX_CHARS // 2
-DEFAULT_CHUNK_ROWS = 2048          # position rows per chunk (docs/environment.md + bench/cache_io.py)
-DEFAULT_AUTOCORR_CHUNK = 1 << 18   # max autocorr values per chunk (512 KiB of fp16); Nv=576 -> 166,176 per sample
+DEFAULT_CLEVEL = 3                 # Blosc clevel of a writer (zstd 5): an image sample in ~6 ms of CPU, 4 % larger ...
+COMPACT_CLEVEL = 6                 # ... than clevel 6 (zstd 11, ~18 ms), which compact uses (bench/cache_io.py)
+DEFAULT_SEGMENT_ROWS = 4096        # samples per segment ...
+DEFAULT_SEGMENT_BYTES = 512 << 20  # ... or encoded bytes buffered (~2,400 image samples at Nv=728, k=64)
 
 
-DEFAULT_CLEVEL = 6                 # Blosc clevel (zstd 11): bench/cache_io.py, 2% smaller than 5; 9 is ~10x slower
-
-
-def compressor(dtype: str, clevel: int = DEFAULT_CLEVEL) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle")
-
-
-# ---------------------------------------------------------------------------------------------
-# storage helpers
-class Storage:
-    """A root location: an fsspec filesystem for manifests/listing and a URL base for zarr."""
-
-    def __init__(self, root: str | os.PathLike, storage_options: dict | None = None) -> None:
-        self.root = str(root).rstrip("/")
-        self.storage_options = storage_options or {}
-        self.fs, self.path = fsspec.core.url_to_fs(self.root, **self.storage_options)
-        self.path = self.path.rstrip("/")
-        self.local = isinstance(self.fs, LocalFileSystem)  # file:// URLs too: LocalStore + rename
-
-    def url(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def fpath(self, *parts: str) -> str:
-        return "/".join([self.path, *parts])
-
-    def zgroup(self, *parts: str, mode: str = "r", **kw: Any) -> zarr.Group:
-        if self.local:
-            return zarr.open_group(self.fpath(*parts), mode=mode, **kw)
-        return zarr.open_group(self.url(*parts), mode=mode, storage_options=self.storage_options or None, **kw)
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.fpath(*parts))
-
-    def ls(self, *parts: str) -> list[str]:
-        p = self.fpath(*parts)
-        try:
-            self.fs.invalidate_cache(p)
-            return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in self.fs.ls(p, detail=False))
-        except FileNotFoundError:
-            return []
-
-    def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.fpath(*parts))
-
-    def write_atomic(self, data: bytes, *parts: str) -> None:
-        """Readers see either no file or the whole file (rename locally; one PUT on object stores)."""
-        p = self.fpath(*parts)
-        if self.local:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        else:
-            self.fs.pipe_file(p, data)
-
-    def rm(self, *parts: str, recursive: bool = False) -> None:
-        p = self.fpath(*parts)
-        if self.fs.exists(p):
-            self.fs.rm(p, recursive=recursive)
-
-    def du(self, *parts: str) -> int:
-        p = self.fpath(*parts)
-        try:
-            return int(self.fs.du(p, total=True))
-        except FileNotFoundError:
-            return 0
+def compressors(dtype: str, clevel: int = DEFAULT_CLEVEL, checksum: bool = True) -> tuple:
+    """Blosc zstd (byte shuffle for multi-byte types), then a crc32c of the compressed chunk."""
+    blosc = BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle")
+    return (blosc, Crc32cCodec()) if checksum else (blosc,)
 
 
 def _now() -> str:
@@ -130,12 +72,13 @@ class Manifest:
     num_samples: int
     text_positions: int
     visual_positions: int
-    autocorr_values: int
+    autocorr_values: int                       # format 1: triangle values; format 2: 0
     arrays: dict[str, dict[str, Any]]          # name -> {"shape", "dtype", "sha256"}
     replaces: list[str] = field(default_factory=list)
     created_utc: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    autocorr_columns: int = 0                  # format 2: factor columns (sum of the ranks)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=1, sort_keys=True).encode()
@@ -143,86 +86,16 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "Manifest":
         d = json.loads(data)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         if d.get("format_version") not in SUPPORTED_VERSIONS:
             raise UnknownFormatVersion(d.get("format_version"), SUPPORTED_VERSIONS, where)
-        return cls(**d)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ---------------------------------------------------------------------------------------------
-# segment arrays <-> SampleTargets
-def encode_samples(samples: list[SampleTargets], meta: CacheMeta) -> dict[str, np.ndarray]:
-    """Encode a list of samples into the flat arrays of one segment (FORMAT.md)."""
-    k, enc = meta.k, meta.value_encoding
-    out: dict[str, np.ndarray] = {}
-    keys = np.zeros((len(samples), KEY_BYTES), dtype=np.uint8)
-    for i, s in enumerate(samples):
-        keys[i] = np.frombuffer(bytes.fromhex(s.key), dtype=np.uint8)
-    out["keys"] = keys
-    for kind in ("text", "visual"):
-        parts = [getattr(s, kind) for s in samples]
-        counts = np.array([0 if p is None else p.num_positions for p in parts], dtype=np.int64)
-        out[f"{kind}_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        present = [p for p in parts if p is not None and p.num_positions]
-        ids = np.concatenate([p.ids for p in present]) if present else np.zeros((0, k))
-        lp = np.concatenate([p.logprobs for p in present]) if present else np.zeros((0, k), np.float32)
-        tail = np.concatenate([p.tail for p in present]) if present else np.zeros((0,), np.float32)
-        out[f"{kind}_ids"] = ids.astype(meta.ids_dtype)
-        if enc == "q8":
-            out[f"{kind}_lp"], out[f"{kind}_lp0"] = encode_q8(lp)
-        else:
-            out[f"{kind}_lp"] = np.asarray(lp, dtype=np.float16)
-        out[f"{kind}_tail"] = np.clip(tail, 0.0, 1.0).astype(np.float16)
-    acs = [pack_autocorr(s.autocorr) if s.autocorr is not None else np.zeros(0, np.float16) for s in samples]
-    out["autocorr_offsets"] = np.concatenate([[0], np.cumsum([len(a) for a in acs])]).astype(np.int64)
-    out["autocorr"] = np.concatenate(acs) if acs else np.zeros(0, np.float16)
-    return out
-
-
-def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Several blocks of samples in the segment layout (``encode_samples``' output) as one: arrays
-    concatenated, ``*_offsets`` re-based. One block is returned as it is (no copy)."""
-    if len(blocks) == 1:
-        return blocks[0]
-    out: dict[str, np.ndarray] = {}
-    for name in blocks[0]:
-        if name.endswith("_offsets"):
-            base = np.cumsum([0] + [int(b[name][-1]) for b in blocks[:-1]])
-            out[name] = np.concatenate([blocks[0][name][:1]] + [b[name][1:] + o for b, o in zip(blocks, base)])
-        else:
-            out[name] = np.concatenate([b[name] for b in blocks])
-    return out
-
-
-def array_names(meta: CacheMeta) -> list[str]:
-    names = ["keys"]
-    for kind in ("text", "visual"):
-        names += [f"{kind}_offsets", f"{kind}_ids", f"{kind}_lp", f"{kind}_tail"]
-        if meta.value_encoding == "q8":
-            names.append(f"{kind}_lp0")
-    return names + ["autocorr_offsets", "autocorr"]
-
-
-def decode_topk(meta: CacheMeta, ids: np.ndarray, lp: np.ndarray, tail: np.ndarray,
-                lp0: np.ndarray | None) -> SparseTopK:
-    logprobs = decode_q8(lp, lp0) if meta.value_encoding == "q8" else lp.astype(np.float32)
-    return SparseTopK(ids=ids.astype(np.int64), logprobs=logprobs, tail=tail.astype(np.float32))
-
-
-def assemble(key: str, meta: CacheMeta, parts: dict[str, np.ndarray]) -> SampleTargets:
-    """Build a SampleTargets from the per-sample slices of a segment's arrays."""
-    text = decode_topk(meta, parts["text_ids"], parts["text_lp"], parts["text_tail"], parts.get("text_lp0"))
-    visual = None
-    if len(parts["visual_ids"]):
-        visual = decode_topk(meta, parts["visual_ids"], parts["visual_lp"], parts["visual_tail"],
-                             parts.get("visual_lp0"))
-    ac = unpack_autocorr(parts["autocorr"]) if len(parts["autocorr"]) else None
-    return SampleTargets(key=key, text=text, visual=visual, autocorr=ac)
-
-
-def key_hex(row: np.ndarray) -> str:
-    return bytes(row).hex()
-
-
+# a segment loaded in memory
 class SegmentData:
     """All arrays of one committed segment, loaded in memory (verify, compact, sequential reads)."""
 
@@ -235,45 +108,29 @@ class SegmentData:
     def key(self, i: int) -> str:
         return key_hex(self.arrays["keys"][i])
 
-    def slices(self, i: int) -> dict[str, np.ndarray]:
+    def record(self, i: int) -> dict[str, np.ndarray]:
+        """Sample i's record (layout.py): its encoded rows, key and per-sample values."""
         a = self.arrays
-        parts: dict[str, np.ndarray] = {}
-        for kind in ("text", "visual"):
-            lo, hi = int(a[f"{kind}_offsets"][i]), int(a[f"{kind}_offsets"][i + 1])
-            for suf in ("ids", "lp", "tail", "lp0"):
-                name = f"{kind}_{suf}"
-                if name in a:
-                    parts[name] = a[name][lo:hi]
-        lo, hi = int(a["autocorr_offsets"][i]), int(a["autocorr_offsets"][i + 1])
-        parts["autocorr"] = a["autocorr"][lo:hi]
-        return parts
+        parts = {name: a[name][sl] for name, sl in sample_slices(self.meta, a, i).items()}
+        return record_of(self.meta, a, i, parts)
 
     def sample(self, i: int) -> SampleTargets:
-        return assemble(self.key(i), self.meta, self.slices(i))
+        return assemble(self.key(i), self.meta, self.record(i))
 
     def take(self, rows: Iterable[int]) -> dict[str, np.ndarray]:
-        """Samples ``rows`` in the segment layout (what ``encode_samples`` makes of them), copied
-        without decoding anything: compaction moves stored bytes only."""
-        a, rows = self.arrays, np.asarray(list(rows), dtype=np.int64)
-        out = {"keys": a["keys"][rows]}
-        for prefix, names in (("text", ("ids", "lp", "tail", "lp0")), ("visual", ("ids", "lp", "tail", "lp0")),
-                              ("autocorr", ("",))):
-            o = a[f"{prefix}_offsets"]
-            lo, hi = o[rows], o[rows + 1]
-            out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
-            for n in names:
-                name = f"{prefix}_{n}" if n else prefix
-                if name in a:
-                    parts = [a[name][int(x):int(y)] for x, y in zip(lo, hi)]
-                    out[name] = np.concatenate(parts) if parts else a[name][:0]
-        return out
+        """Samples ``rows`` as one block of their stored bytes (``layout.take_rows``; format 2):
+        compaction moves them without decoding anything."""
+        return take_rows(self.meta, self.arrays, list(rows))
 
     def samples(self) -> Iterable[SampleTargets]:
         for i in range(len(self)):
             yield self.sample(i)
 
 
-# ---------------------------------------------------------------------------------------------
+def key_hex(row: np.ndarray) -> str:
+    return bytes(row).hex()
+
+
 # groups
 def _read_meta(storage: Storage, name: str) -> CacheMeta:
     where = storage.url(name)
@@ -372,20 +229,49 @@ class CacheGroup:
         self.url = storage.url(name)
 
     # -- segments ------------------------------------------------------------------------------
-    def manifests(self) -> dict[str, Manifest]:
-        """Every parseable manifest (including segments that a compaction replaced)."""
-        out = {}
+    def scan_manifests(self) -> tuple[dict[str, Manifest], dict[str, str]]:
+        """(segment -> parseable manifest, segment -> why its manifest file is damaged).
+
+        Manifests are written atomically, so a ``<id>.json`` that exists but does not parse (or
+        names another segment) is damage. Temporary files of an in-flight write are skipped."""
+        good, damaged = {}, {}
         for fn in self.storage.ls(self.name, MANIFESTS):
             if not fn.endswith(".json"):
-                continue  # temporary files of an in-flight atomic write
+                continue
+            seg = fn[:-len(".json")]
+            where = f"{self.url}/{MANIFESTS}/{fn}"
             try:
-                m = Manifest.from_json(self.storage.read_bytes(self.name, MANIFESTS, fn), where=f"{self.url}/{MANIFESTS}/{fn}")
+                m = Manifest.from_json(self.storage.read_bytes(self.name, MANIFESTS, fn), where=where)
+                if m.segment != seg:
+                    raise ValueError(f"it names segment {m.segment!r}")
             except UnknownFormatVersion:
                 raise
-            except Exception:  # noqa: BLE001 - a torn manifest means 'not committed'
+            except Exception as e:  # noqa: BLE001 - reported as damage by every caller
+                damaged[seg] = f"{type(e).__name__}: {e}"[:200]
                 continue
-            out[m.segment] = m
-        return out
+            good[seg] = m
+        return good, damaged
+
+    def manifests(self) -> dict[str, Manifest]:
+        """Every parseable manifest (including segments that a compaction replaced)."""
+        return self.scan_manifests()[0]
+
+    def damaged_manifests(self) -> dict[str, str]:
+        """segment -> the problem, for every manifest file that exists but cannot be read."""
+        return self.scan_manifests()[1]
+
+    def check_no_damage(self) -> None:
+        """CacheCorruptError naming every damaged manifest: what those segments hold is unknown, so
+        neither "committed" nor "absent" is safe to assume."""
+        damaged = self.damaged_manifests()
+        if damaged:
+            seg, why = next(iter(damaged.items()))
+            raise CacheCorruptError(
+                f"{self.url}/{MANIFESTS}/{seg}.json is damaged ({why})" +
+                (f", and {len(damaged) - 1} more manifest(s)" if len(damaged) > 1 else "") +
+                f": what segment {seg} holds is unknown. Fix: restore the file from a backup, or drop the "
+                f"segment(s) with `logit_cache gc --remove-damaged {self.storage.root} {self.name}` and re-run the "
+                f"fill to redo their samples.")
 
     def committed(self) -> list[Manifest]:
         """Visible segments, in segment-id order: committed and not replaced by a compaction."""
@@ -399,15 +285,16 @@ class CacheGroup:
         return sorted(replaced & (set(ms) | set(self.storage.ls(self.name, SEGMENTS))))
 
     def uncommitted_segments(self) -> list[str]:
-        """Segment directories without a manifest: in-flight writers or killed ones."""
-        ms = self.manifests()
-        return [s for s in self.storage.ls(self.name, SEGMENTS) if s not in ms and s != "zarr.json"]
+        """Segment directories without a manifest file: in-flight writers or killed ones. A segment
+        whose manifest file exists but is damaged is not among them (see check_no_damage)."""
+        files = {fn[:-len(".json")] for fn in self.storage.ls(self.name, MANIFESTS) if fn.endswith(".json")}
+        return [s for s in self.storage.ls(self.name, SEGMENTS) if s not in files and s != "zarr.json"]
 
     def num_samples(self) -> int:
         return sum(m.num_samples for m in self.committed())
 
     def segment_arrays(self, segment: str) -> dict[str, zarr.Array]:
-        g = self.storage.zgroup(self.name, SEGMENTS, segment, mode="r")
+        g = self.storage.zgroup(self.name, SEGMENTS, segment, mode="r", strict=self.meta.format_version >= 2)
         return {n: g[n] for n in array_names(self.meta)}
 
     def load_segment(self, segment: str, names: Iterable[str] | None = None) -> SegmentData:
@@ -415,10 +302,15 @@ class CacheGroup:
         return SegmentData(self.meta, {n: a[...] for n, a in arrs.items() if names is None or n in names})
 
     def committed_keys(self) -> set[str]:
-        """Keys of every committed sample (one read of each segment's small key array)."""
+        """Keys of every committed sample (one read of each segment's small key array). Refuses a
+        group with a damaged manifest: a fill must not take that segment's samples for missing."""
+        self.check_no_damage()
         out: set[str] = set()
         for m in self.committed():
-            keys = self.storage.zgroup(self.name, SEGMENTS, m.segment, mode="r")["keys"][...]
+            try:
+                keys = self.segment_arrays(m.segment)["keys"][...]
+            except Exception as e:  # noqa: BLE001 - checksum / missing chunk / unreadable metadata
+                raise corrupt_segment(self, m.segment, "keys", e) from e
             b = keys.tobytes()
             out.update(b[i:i + KEY_BYTES].hex() for i in range(0, len(b), KEY_BYTES))
         return out
@@ -427,36 +319,33 @@ class CacheGroup:
     def writer(self, **kwargs: Any) -> "CacheWriter":
         return CacheWriter(self, **kwargs)
 
+    def check_writable(self) -> None:
+        if self.meta.format_version != FORMAT_VERSION:
+            raise CacheError(
+                f"{self.url}: the group is logit_cache format {self.meta.format_version}, which this version "
+                f"reads but does not write (it writes format {FORMAT_VERSION}: FORMAT.md). Fix: fill into a new "
+                f"root (or delete this group) to write format {FORMAT_VERSION}; training from this group works as it is.")
+
     def write_segment(self, arrays: dict[str, np.ndarray], chunk_rows: int = DEFAULT_CHUNK_ROWS,
                       shard_rows: int | None = None, replaces: list[str] | None = None,
                       clevel: int = DEFAULT_CLEVEL) -> Manifest:
-        """Write one immutable segment, then (last) its manifest. Returns the manifest."""
+        """Write one immutable segment (format 2), then (last) its manifest. Returns the manifest."""
+        self.check_writable()
         seg = new_segment_id()
         g = self.storage.zgroup(self.name, SEGMENTS, seg, mode="w-", attributes={
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": _now()}})
         info, pending = {}, []
         for name in array_names(self.meta):
             a = arrays[name]
-            if a.ndim == 1:
-                if name == "autocorr":  # about one sample's triangle per chunk: a read decodes ~1-2 chunks
-                    per = int(np.diff(arrays["autocorr_offsets"]).max(initial=0))
-                    rows = int(min(DEFAULT_AUTOCORR_CHUNK, max(1 << 12, 1 << max(per - 1, 1).bit_length())))
-                elif name.endswith("offsets"):
-                    rows = max(len(a), 1)
-                else:
-                    rows = chunk_rows
-                chunks: tuple[int, ...] = (max(1, min(rows, max(len(a), 1))),)
-            else:
-                rows = max(len(a), 1) if name == "keys" else chunk_rows
-                chunks = (max(1, min(rows, max(len(a), 1))), a.shape[1])
+            chunks = chunk_shape(name, a, chunk_rows)
             shards = None
-            if shard_rows and a.ndim >= 1 and name not in ("keys",) and not name.endswith("offsets") and len(a) > chunks[0]:
+            if shard_rows and name != "keys" and not name.endswith(("offsets", "share")) and len(a) > chunks[0]:
                 srows = max(chunks[0], (min(shard_rows, len(a)) // chunks[0]) * chunks[0])
                 shards = (srows, *chunks[1:])
-            # write_empty_chunks: every chunk is written, without zarr first comparing it with the
-            # fill value (an element-wise pass that cost ~10% of a segment's commit at real shapes)
+            # every chunk is written, even an all-zero one: a missing chunk is then detectable damage (and
+            # zarr skips comparing each chunk with the fill value: ~10% of a segment's commit at real shapes)
             z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
-                               compressors=compressor(str(a.dtype), clevel), fill_value=0,
+                               compressors=compressors(str(a.dtype), clevel), fill_value=0,
                                config={"write_empty_chunks": True})
             if a.size:
                 pending.append((z, a))
@@ -468,29 +357,45 @@ class CacheGroup:
         sync(write_all())
         m = Manifest(segment=seg, num_samples=len(arrays["keys"]),
                      text_positions=int(arrays["text_offsets"][-1]), visual_positions=int(arrays["visual_offsets"][-1]),
-                     autocorr_values=int(arrays["autocorr_offsets"][-1]), arrays=info, replaces=list(replaces or []),
-                     created_utc=_now(), writer={"host": socket.gethostname(), "pid": os.getpid()})
+                     autocorr_values=0, autocorr_columns=int(arrays["autocorr_offsets"][-1]), arrays=info,
+                     replaces=list(replaces or []), created_utc=_now(),
+                     writer={"host": socket.gethostname(), "pid": os.getpid()})
         self.storage.write_atomic(m.to_json(), self.name, MANIFESTS, f"{seg}.json")
         return m
+
+
+def corrupt_segment(group: CacheGroup, segment: str, array: str, e: BaseException) -> CacheCorruptError:
+    """The error for bytes of a committed segment that cannot be read back as written."""
+    why = "a chunk file is missing" if isinstance(e, MissingChunkError) else (
+        "a chunk failed its checksum" if "checksum" in str(e) else f"{type(e).__name__}: {e}")
+    return CacheCorruptError(
+        f"{group.url}/{SEGMENTS}/{segment}/{array}: the stored data is corrupted ({why}). Fix: run "
+        f"`logit_cache verify {group.storage.root} {group.name}`; remove manifests/{segment}.json and "
+        f"segments/{segment}, then re-run the fill to redo that segment's samples.")
 
 
 class CacheWriter:
     """Buffers samples and commits them as immutable segments.
 
-    ``add`` validates each sample; when the buffer reaches ``segment_rows`` samples or
-    ``segment_bytes`` of raw data, it is written as one segment and committed (manifest last).
-    ``commit()`` flushes the rest. As a context manager it commits on a clean exit and discards
-    the uncommitted buffer on an exception (those samples are simply not cached; a resumed fill
-    redoes them).
+    ``add`` validates each sample and encodes it (so the buffer holds the compact encoded form:
+    ~210 KB per image sample at Nv=728, k=64, q8); when the buffer reaches ``segment_rows`` samples
+    or ``segment_bytes`` encoded bytes, it is written as one segment and committed (manifest last).
+    ``commit()`` flushes the rest. As a context manager it commits on a clean exit and discards the
+    uncommitted buffer on an exception (those samples are simply not cached; a resumed fill redoes
+    them). A dense autocorrelation is factorised here (host CPU, ~0.1 s at Nv=728); teacher servers
+    send factors, so a fill does no conversion.
     """
 
-    def __init__(self, group: CacheGroup, segment_rows: int = 4096, segment_bytes: int = 256 << 20,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, shard_rows: int | None = None,
-                 clevel: int = DEFAULT_CLEVEL) -> None:
+    def __init__(self, group: CacheGroup, segment_rows: int = DEFAULT_SEGMENT_ROWS,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 shard_rows: int | None = None, clevel: int = DEFAULT_CLEVEL,
+                 autocorr_share: float = AUTOCORR_SHARE, autocorr_max_rank: int = AUTOCORR_MAX_RANK) -> None:
+        group.check_writable()
         self.group, self.meta = group, group.meta
         self.segment_rows, self.segment_bytes = segment_rows, segment_bytes
         self.chunk_rows, self.shard_rows, self.clevel = chunk_rows, shard_rows, clevel
-        self._buf: list[dict[str, np.ndarray]] = []   # blocks in the segment layout (stored bytes only)
+        self.autocorr_share, self.autocorr_max_rank = autocorr_share, autocorr_max_rank
+        self._buf: list[dict[str, np.ndarray]] = []   # blocks in the segment layout (layout.concat_blocks)
         self._buf_keys: set[str] = set()
         self._buf_bytes = 0
         self.committed: list[Manifest] = []
@@ -498,12 +403,13 @@ class CacheWriter:
 
     def _check(self, s: SampleTargets) -> None:
         m = self.meta
-        if not (isinstance(s.key, str) and len(s.key) == KEY_HEX_CHARS and all(c in "0123456789abcdef" for c in s.key)):
-            raise ValueError(f"sample key {s.key!r} is not a {KEY_HEX_CHARS}-char lowercase hex string "
+        if not (isinstance(s.key, str) and len(s.key) == 2 * KEY_BYTES and all(c in "0123456789abcdef" for c in s.key)):
+            raise ValueError(f"sample key {s.key!r} is not a {2 * KEY_BYTES}-char lowercase hex string "
                              f"(ckd_common.keys.sample_key)")
         if s.key in self._buf_keys:
             raise ValueError(f"sample {s.key} was added twice to this writer")
-        for kind, t in (("text", s.text), ("visual", s.visual)):
+        for kind in POSITION_KINDS:
+            t = getattr(s, kind)
             if t is None:
                 continue
             if t.k != m.k:
@@ -524,31 +430,47 @@ class CacheWriter:
             if m.num_visual_tokens and nv != m.num_visual_tokens:
                 raise ValueError(f"sample {s.key}: {nv} visual positions, the group's num_visual_tokens is "
                                  f"{m.num_visual_tokens}")
-            if s.autocorr is not None and s.autocorr.shape != (nv, nv):
-                raise ValueError(f"sample {s.key}: autocorr {s.autocorr.shape} must be [Nv, Nv]=({nv}, {nv})")
+            if s.autocorr is not None and tuple(s.autocorr.shape) != (nv, nv):
+                raise ValueError(f"sample {s.key}: autocorr {tuple(s.autocorr.shape)} must be [Nv, Nv]=({nv}, {nv})")
+            f = s.autocorr
+            if isinstance(f, AutocorrFactor) and (not 0.0 <= f.share <= 1.0 or not np.isfinite(f.scale).all()
+                                                  or (f.scale < 0).any() or (f.codes == -128).any()):
+                raise ValueError(f"sample {s.key}: autocorr factor out of range (share {f.share} must lie in [0, 1], "
+                                 f"scales finite and >= 0, codes in [-127, 127])")
 
     def add(self, s: SampleTargets) -> None:
         self._check(s)
-        self._add_block(encode_samples([s], self.meta), [s.key])
+        if s.autocorr is not None and not isinstance(s.autocorr, AutocorrFactor) and "autocorr" in self.meta.target_kinds:
+            from ckd_common.kd.relation import factor_dense  # dense targets (oracle path, tests): host-side
+
+            s = SampleTargets(s.key, s.text, s.visual, factor_dense(s.autocorr, self.autocorr_share,
+                                                                   self.autocorr_max_rank))
+        self._add_block(concat_records([encode_record(s, self.meta)], self.meta), [s.key])
 
     def add_encoded(self, block: dict[str, np.ndarray]) -> None:
-        """Add samples already in the segment layout (``encode_samples``' output for them, e.g.
-        decoded straight from a server's response by the fill): no SampleTargets in between. The
-        caller has checked their values as :meth:`add` does; here the layout and keys are checked."""
-        names = array_names(self.meta)
+        """Add samples already encoded, as a block in the segment layout (``layout.concat_blocks``),
+        e.g. decoded straight from a server's response by the fill (``deploy.fill_frames``): no
+        SampleTargets in between. The caller has checked their values as :meth:`add` does; here the
+        block's layout and keys are checked."""
+        m = self.meta
+        names = array_names(m)
         if sorted(block) != sorted(names):
             raise ValueError(f"an encoded block must hold exactly the arrays {names}, not {sorted(block)}")
         n = len(block["keys"])
-        keys = [key_hex(r) for r in block["keys"]]
-        for kind in ("text", "visual"):
+        if block["keys"].shape != (n, KEY_BYTES) or block["autocorr_share"].shape != (n,):
+            raise ValueError(f"encoded block: keys {block['keys'].shape} / autocorr_share "
+                             f"{block['autocorr_share'].shape} are not [{n}, {KEY_BYTES}] / [{n}]")
+        for kind, rows in (("text", "text_ids"), ("visual", "visual_ids"), ("autocorr", "autocorr")):
             o = block[f"{kind}_offsets"]
-            if len(o) != n + 1 or o[0] != 0 or (np.diff(o) < 0).any() or o[-1] != len(block[f"{kind}_ids"]):
-                raise ValueError(f"encoded block: {kind}_offsets do not index its {kind} rows")
-            if block[f"{kind}_ids"].ndim != 2 or block[f"{kind}_ids"].shape[1] != self.meta.k:
-                raise ValueError(f"encoded block: {kind}_ids {block[f'{kind}_ids'].shape} are not [N, k={self.meta.k}]")
-        o = block["autocorr_offsets"]
-        if len(o) != n + 1 or o[0] != 0 or o[-1] != len(block["autocorr"]):
-            raise ValueError("encoded block: autocorr_offsets do not index its autocorrelation values")
+            if len(o) != n + 1 or o[0] != 0 or (np.diff(o) < 0).any() or o[-1] != len(block[rows]):
+                raise ValueError(f"encoded block: {kind}_offsets do not index its {len(block[rows])} {rows} rows")
+        for kind in POSITION_KINDS:
+            ids = block[f"{kind}_ids"]
+            if ids.ndim != 2 or ids.shape[1] != m.k:
+                raise ValueError(f"encoded block: {kind}_ids {ids.shape} are not [N, k={m.k}]")
+        if len(block["autocorr_scale"]) != len(block["autocorr"]):
+            raise ValueError("encoded block: autocorr_scale does not hold one scale per factor column")
+        keys = [key_hex(r) for r in block["keys"]]
         seen = self._buf_keys.intersection(keys)
         if seen or len(set(keys)) != n:
             raise ValueError(f"sample {min(seen) if seen else keys[0]} was added twice to this writer")
@@ -558,7 +480,7 @@ class CacheWriter:
         self._buf.append(block)
         self._buf_keys.update(keys)
         self.num_added += len(keys)
-        self._buf_bytes += sum(a.nbytes for a in block.values())
+        self._buf_bytes += record_nbytes(block)
         if len(self._buf_keys) >= self.segment_rows or self._buf_bytes >= self.segment_bytes:
             self.flush()
 
@@ -566,7 +488,7 @@ class CacheWriter:
         """Write and commit the buffered samples as one segment (no-op when empty)."""
         if not self._buf:
             return None
-        arrays = concat_blocks(self._buf)
+        arrays = concat_blocks(self._buf, self.meta)
         m = self.group.write_segment(arrays, chunk_rows=self.chunk_rows, shard_rows=self.shard_rows,
                                      clevel=self.clevel)
         self.committed.append(m)
@@ -593,21 +515,29 @@ class CacheWriter:
 def verify_manifest_arrays(group: CacheGroup, m: Manifest) -> SegmentData:
     """Load a segment and check it against its manifest; CacheCorruptError on any difference."""
     where = f"{group.url}/{SEGMENTS}/{m.segment}"
+    data = {}
     try:
-        data = group.load_segment(m.segment)
-    except Exception as e:  # noqa: BLE001 - decompression/IO failure = corruption
-        raise CacheCorruptError(f"{where}: cannot read the segment ({type(e).__name__}: {e}). "
-                                f"Fix: delete its manifest and re-fill the missing keys.") from e
+        arrs = group.segment_arrays(m.segment)
+    except Exception as e:  # noqa: BLE001 - unreadable array metadata = corruption
+        raise CacheCorruptError(f"{where}: cannot open the segment's arrays ({type(e).__name__}: {e}). "
+                                f"Fix: remove manifests/{m.segment}.json and segments/{m.segment}, then re-run the "
+                                f"fill to redo its samples.") from e
+    for name, arr in arrs.items():
+        try:
+            data[name] = arr[...]
+        except Exception as e:  # noqa: BLE001 - checksum / decompression / missing chunk
+            raise corrupt_segment(group, m.segment, name, e) from e
     for name, info in m.arrays.items():
-        a = data.arrays.get(name)
+        a = data.get(name)
         if a is None or list(a.shape) != info["shape"] or str(a.dtype) != info["dtype"]:
             raise CacheCorruptError(f"{where}/{name}: shape/dtype {None if a is None else (a.shape, a.dtype)} "
                                     f"!= manifest {info['shape']} {info['dtype']}")
         if _sha(a) != info["sha256"]:
             raise CacheCorruptError(f"{where}/{name}: sha256 differs from the manifest: the stored chunks are "
-                                    f"corrupted. Fix: remove manifests/{m.segment}.json and re-fill those keys.")
-    return data
+                                    f"corrupted. Fix: remove manifests/{m.segment}.json and segments/{m.segment}, "
+                                    f"then re-run the fill to redo its samples.")
+    return SegmentData(group.meta, data)
 
 
 __all__ = ["CacheGroup", "CacheWriter", "Manifest", "SegmentData", "Storage", "find_group", "list_groups",
-           "open_group", "encode_samples", "concat_blocks", "assemble", "triu_size", "verify_manifest_arrays"]
+           "open_group", "verify_manifest_arrays", "corrupt_segment", "DEFAULT_SEGMENT_ROWS", "DEFAULT_SEGMENT_BYTES"]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -45,13 +46,63 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_resumable(out: Path) -> Path | None:
-    """The newest checkpoint holding DeepSpeed state (final first, then the highest step)."""
+def resumable_candidates(out: Path) -> list[Path]:
+    """Every checkpoint that looks complete (its marker written), newest first: final, then by step."""
     final = out / FINAL
-    if (final / STATE_FILE).is_file() and (final / DS_DIR).is_dir():
-        return final
-    ckpts = complete_checkpoints(out)
-    return ckpts[-1][1] if ckpts else None
+    found = [final] if (final / STATE_FILE).is_file() and (final / DS_DIR).is_dir() else []
+    return found + [d for _, d in reversed(complete_checkpoints(out))]
+
+
+def latest_resumable(out: Path) -> Path | None:
+    """The newest checkpoint holding DeepSpeed state (final first, then the highest step); whether it
+    loads is :func:`find_resumable`'s question."""
+    found = resumable_candidates(out)
+    return found[0] if found else None
+
+
+def damage(d: Path) -> str | None:
+    """Why ``--resume`` could not continue from checkpoint ``d`` (None: it loads).
+
+    Reads everything a resume reads: the two JSON files, and every DeepSpeed state file in full —
+    torch writes a zip archive with a CRC-32 per record, so a truncated file fails on its missing
+    central directory and a flipped byte fails its record's CRC, before DeepSpeed is asked to load it
+    (which would fail with a bare PytorchStreamReader error, or load damaged bytes)."""
+    from student_trainer.config import CONFIG_FILE
+
+    for name in (STATE_FILE, CONFIG_FILE):
+        try:
+            json.loads((d / name).read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{name} is unreadable or not valid JSON ({e})"
+    state = d / DS_DIR / DS_TAG
+    files = sorted(state.glob("*.pt")) if state.is_dir() else []
+    if not files:
+        return f"{DS_DIR}/{DS_TAG}/ holds no DeepSpeed state files"
+    for f in files:
+        rel = f.relative_to(d)
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()  # reads every record and checks its CRC-32
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            return f"{rel} is truncated or damaged ({e})"
+        if bad is not None:
+            return f"{rel} is damaged (record {bad} fails its CRC check)"
+    return None
+
+
+def find_resumable(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, and the newer ones skipped with the reason each is damaged.
+    Nothing is deleted: a damaged checkpoint stays for the user to inspect (a later save of the same
+    step replaces it atomically)."""
+    skipped = []
+    for d in resumable_candidates(out):
+        why = damage(d)
+        if why is None:
+            return d, skipped
+        skipped.append((d, why))
+    return None, skipped
 
 
 def clean_partial(out: Path) -> list[str]:

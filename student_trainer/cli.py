@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         for opt in ("pretrain_data", "instruct_data"):
             if not getattr(args, opt):
                 problems.append(f"--step all needs --{opt.replace('_', '-')}")
+        if getattr(args, "prepared", None):
+            problems.append("--step all reads two data files: --prepared names one prepared dataset; leave it out "
+                            "(each step opens its own)")
         if args.lr is not None:
             per_step = ", ".join(f"{s.upper()} {STEPS[s].lr:g}" for s in LLAVA_KD_STEPS)
             problems.append(f"--lr differs per step ({per_step}): run the steps one by one to override it")

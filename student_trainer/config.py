@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ckd_common.config import CommandConfig, ConfigError, path_problems
 from ckd_common.kd.weights import REL_VARIANTS, KDWeights
+from ckd_common.templates import PRETRAIN, QWEN2_BASE
 
 CONFIG_FILE = "student_trainer.json"
 PARTS = ("vision", "connector", "llm")  # the vision tower is frozen in every step
@@ -37,11 +38,11 @@ class StepSpec:
 
 # In training order within each recipe: recipe_steps() reads the order from here.
 STEPS: dict[str, StepSpec] = {s.name: s for s in (
-    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "tinyllava", "pretrain", "pretrain", ("connector",), False, 1e-3, 256),
-    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "tinyllava", "instruct", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
-    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "llava-kd", "pretrain", "pretrain", ("connector",), True, 1e-3, 256),
-    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "llava-kd", "instruct", "qwen2_base", ("connector", "llm"), False, 2e-5, 128),
-    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "llava-kd", "instruct", "qwen2_base", ("connector", "llm"), True, 2e-5, 128),
+    StepSpec("pt", "TinyLLaVA pre-training: captions, CE, connector only", "tinyllava", "pretrain", PRETRAIN, ("connector",), False, 1e-3, 256),
+    StepSpec("ft", "TinyLLaVA fine-tuning: instructions, CE, connector + LLM", "tinyllava", "instruct", QWEN2_BASE, ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dpt", "LLaVA-KD distilled pre-training: captions, full KD loss, connector only", "llava-kd", "pretrain", PRETRAIN, ("connector",), True, 1e-3, 256),
+    StepSpec("sft", "LLaVA-KD SFT: instructions, CE only, connector + LLM", "llava-kd", "instruct", QWEN2_BASE, ("connector", "llm"), False, 2e-5, 128),
+    StepSpec("dft", "LLaVA-KD distilled fine-tuning: instructions, full KD loss, connector + LLM", "llava-kd", "instruct", QWEN2_BASE, ("connector", "llm"), True, 2e-5, 128),
 )}
 SPLITS = ("pretrain", "instruct")
 
@@ -56,6 +57,10 @@ LLAVA_KD_STEPS = recipe_steps("llava-kd")    # DPT -> SFT -> DFT: one distillati
 TRAIN_STEPS = ("pt", "ft", "sft")      # `student_trainer train`
 DISTILL_STEPS = ("dpt", "dft")         # `student_trainer distill` (+ 'all' = dpt -> sft -> dft)
 PRECISIONS = ("auto", "fp32", "bf16")
+# gradient_checkpointing unset (auto): on for LLMs of at least this many parameters. Qwen2.5-0.5B (494M)
+# needs it to train at micro-batch 2 in 24 GiB (docs/environment.md §4); a few-million-parameter LLM
+# gains nothing from it but the recompute.
+GC_AUTO_MIN_LLM_PARAMS = 100_000_000
 ON_MISSING = ("error", "skip")
 
 # The command line's option groups (ckd_common.config.add_arguments); `train` has no TEACHER_GROUP.
@@ -112,7 +117,10 @@ class TrainConfig(CommandConfig):
     # engine
     zero_stage: int = _opt(2, group="engine", choices=(0, 1, 2, 3))
     precision: str = _opt("auto", group="engine", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
-    gradient_checkpointing: bool = _opt(False, group="engine", help="recompute LLM activations in the backward")
+    gradient_checkpointing: bool | None = _opt(
+        None, group="engine", help="recompute the LLM's activations in the backward (less memory, ~1/3 more compute); "
+        f"default: auto = on when the LLM has >= {GC_AUTO_MIN_LLM_PARAMS // 10**6}M parameters (real-size models), "
+        "off for smaller ones (the tiny presets)")
     # loss (alpha ce, beta kl_text, gamma kl_vis, delta rel); None -> 1 with a teacher, 0 without
     alpha: float | None = _opt(None, group="loss", help="default 1 (always)")
     beta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
@@ -125,6 +133,9 @@ class TrainConfig(CommandConfig):
     num_workers: int = _opt(2, group="data", help="prefetching loader workers")
     prefetch: int = _opt(4, group="data", help="micro-batches prefetched per worker")
     data_on_error: str = _opt("raise", group="data", choices=("raise", "skip"), help="bad records at preparation")
+    prepared: Path | None = _opt(None, group="data", help="the prepared dataset to use (a directory `ckd data "
+                                 "prepare` printed); refused if made for other inputs or stale. Default: opened, or "
+                                 "built once, under $CKD_PREPARED_DIR (docs/prepared-data.md)")
     # checkpoints and feedback
     save_every: int = _opt(0, group="checkpoints", help="periodic checkpoint every N steps (0: final only)")
     keep_last: int = _opt(2, group="checkpoints")
@@ -147,6 +158,7 @@ class TrainConfig(CommandConfig):
             self,
             model=Path(self.model), data=Path(self.data), out=Path(self.out),
             images=Path(self.images) if self.images is not None else None,
+            prepared=Path(self.prepared) if self.prepared is not None else None,
             lr=spec.lr if self.lr is None else float(self.lr),
             global_batch=spec.global_batch if self.global_batch is None else int(self.global_batch),
             alpha=1.0 if self.alpha is None else float(self.alpha),
@@ -173,6 +185,8 @@ class TrainConfig(CommandConfig):
             p.append(f"model: {self.model} has no config.json (expected an HF llava directory)")
         if self.images is not None and not Path(self.images).is_dir():
             p.append(f"images: directory {self.images} does not exist")
+        if self.prepared is not None and not Path(self.prepared).is_dir():
+            p.append(f"prepared: directory {self.prepared} does not exist")
         if self.out is None:
             p.append("out is required")
         elif Path(self.out).exists() and not Path(self.out).is_dir():
@@ -258,7 +272,10 @@ class TrainConfig(CommandConfig):
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # fields that may differ between a run and its --resume (everything else must match)
-    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "save_every", "keep_last")
+    # (gradient checkpointing only trades memory for compute: the same losses and gradients, tested;
+    # `prepared` is where the prepared data was found: the training set's hash guards its content)
+    RESUME_FREE = ("resume", "progress", "tensorboard", "num_workers", "prefetch", "save_every", "keep_last",
+                   "prepared", "gradient_checkpointing")
 
     def resume_differences(self, saved: "TrainConfig") -> list[str]:
         a, b = self.to_dict(), saved.to_dict()
@@ -267,4 +284,5 @@ class TrainConfig(CommandConfig):
 
 
 __all__ = ["STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS", "DISTILL_STEPS",
-           "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS", "LLAVA_KD_STEPS"]
+           "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS", "LLAVA_KD_STEPS",
+           "GC_AUTO_MIN_LLM_PARAMS"]

@@ -3,7 +3,10 @@ deterministic length-grouped schedule of global batches, and a prefetching loade
 
 * :func:`open_cache` picks the cache group matching the prepared data's fingerprint + template and
   checks every field the student must agree with; when no group matches it lists what the root
-  holds and which fields differ.
+  holds and which fields differ. Corrupted bytes are never trained on: a format-2 cache checks a
+  crc32c on every chunk it reads (an error naming the segment stops the run), and a format-1
+  cache, whose chunks have no checksums, is verified against its manifests when it is opened
+  (each rank checks its share of the segments).
 * :func:`join_targets` finds the samples without committed targets: an error with the count and
   the first keys, or (``on_missing='skip'``) drops and counts them.
 * :func:`build_schedule` is a pure function of (lengths, seed, batch sizes, world size): every
@@ -17,6 +20,7 @@ deterministic length-grouped schedule of global batches, and a prefetching loade
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import torch
 
 from ckd_common.data import PreparedSample, collate
 from ckd_common.kd import collate_targets
+from ckd_common.prepared import sample_keys, subset
 from ckd_common.targets import SampleTargets, SparseTopK
 
 
@@ -73,22 +78,49 @@ def open_cache(root: str, expected: dict):
             f"(teacher_server / logit_cache fill), or point --cache at the right root.") from None
     except CacheError as e:
         raise TrainerError(f"cache {root}: {e}") from None
+    if reader.meta.format_version < 2:
+        _verify_format1(reader)
     return reader
 
 
-def join_targets(samples: list[PreparedSample], reader, on_missing: str) -> tuple[list[PreparedSample], int]:
+def _verify_format1(reader) -> None:
+    """Format-1 chunks carry no checksums: check every segment's arrays against the sha256 in its
+    manifest before training (rank r of W checks segments r, r+W, ...)."""
+    import time
+
+    from logit_cache import CacheError, verify_segments
+
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mine = reader.manifests[rank::world]
+    t0 = time.perf_counter()
+    if rank == 0:
+        print(f"student_trainer: {reader.group.url} is logit_cache format {reader.meta.format_version} (no per-chunk "
+              f"checksums): checking {len(reader.manifests)} segments against their manifests first")
+    try:
+        n = verify_segments(reader.group, mine, progress=rank == 0)
+    except CacheError as e:
+        raise TrainerError(f"cache refused: {e}") from None
+    if rank == 0:
+        print(f"student_trainer: {n} samples checked in {time.perf_counter() - t0:.1f} s")
+
+
+def join_targets(samples: Sequence[PreparedSample], reader, on_missing: str) -> tuple[Sequence[PreparedSample], int]:
     """Samples that have committed targets, and the number skipped (on_missing='skip')."""
-    missing = [s for s in samples if s.key not in reader]
-    if missing and on_missing != "skip":
-        first = ", ".join(f"{s.key} ({s.id})" for s in missing[:5])
+    keys = sample_keys(samples)  # one array read for a memory-mapped dataset, not sample by sample
+    missing_at = [i for i, k in enumerate(keys) if k not in reader]
+    if missing_at and on_missing != "skip":
+        missing = [samples[i] for i in missing_at[:5]]
+        first = ", ".join(f"{s.key} ({s.id})" for s in missing)
         raise TrainerError(
-            f"{len(missing)} of {len(samples)} samples have no targets in cache group {reader.group.url}; "
+            f"{len(missing_at)} of {len(samples)} samples have no targets in cache group {reader.group.url}; "
             f"first: {first}. Fix: finish filling the cache (a resumed fill adds missing keys), or pass "
             f"--on-missing skip to train without them.")
-    if not missing:
+    if not missing_at:
         return samples, 0
-    keep = {s.key for s in missing}
-    return [s for s in samples if s.key not in keep], len(missing)
+    gone = set(missing_at)
+    return subset(samples, [i for i in range(len(keys)) if i not in gone]), len(missing_at)
 
 
 def ce_only_targets(sample: PreparedSample) -> SampleTargets:
@@ -157,7 +189,12 @@ class MicroBatches(torch.utils.data.Dataset):
         batch_samples = [self.samples[j] for j in self.micro[i]]
         batch = collate(batch_samples, self.pad_id, self.image_size, aspect_ratio=self.aspect_ratio)
         if self.reader is not None:
-            targets = self.reader.get_many([s.key for s in batch_samples])
+            from logit_cache import CacheError
+
+            try:
+                targets = self.reader.get_many([s.key for s in batch_samples])
+            except CacheError as e:  # a loader worker would re-raise it wrapped in its traceback text
+                return {LOADER_ERROR: f"cache read failed: {e}"}
         else:
             targets = [ce_only_targets(s) for s in batch_samples]
         batch["targets"] = collate_targets(targets)
@@ -166,9 +203,29 @@ class MicroBatches(torch.utils.data.Dataset):
         return batch
 
 
+LOADER_ERROR = "loader_error"  # a micro-batch that could not be built: its message, raised by the consumer
+
+
+class _Loader:
+    """A DataLoader whose micro-batches that failed to load raise TrainerError (one clean line) in
+    the training process, instead of a worker's exception wrapped in its traceback text."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if LOADER_ERROR in batch:
+                raise TrainerError(batch[LOADER_ERROR])
+            yield batch
+
+
 def make_loader(dataset: MicroBatches, num_workers: int, prefetch: int):
     kw = {}
     if num_workers > 0:
         kw = dict(num_workers=num_workers, prefetch_factor=prefetch, multiprocessing_context="fork",
                   persistent_workers=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=lambda x: x, **kw)
+    return _Loader(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=lambda x: x, **kw))

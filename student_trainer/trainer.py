@@ -12,7 +12,6 @@ per-sample mean over the global batch, whatever the micro-batch size or the numb
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 
 from ckd_common.kd import KDWeights, fused_kd_loss, lm_head_gram
 from student_trainer import checkpoint as ckpt
-from student_trainer.config import CONFIG_FILE, TrainConfig
+from student_trainer.config import CONFIG_FILE, GC_AUTO_MIN_LLM_PARAMS, TrainConfig
 from student_trainer.data import (MicroBatches, TrainerError, build_schedule, expected_cache_meta, join_targets,
                                   make_loader, open_cache)
 from student_trainer.feedback import CURVE, SUMMARY, Feedback, plot_curve, read_metrics, summarize
@@ -69,16 +68,46 @@ def part_modules(vlm) -> dict[str, list[torch.nn.Module]]:
             "llm": [vlm.model.language_model, vlm.lm_head]}
 
 
+def unique_numel(modules) -> int:
+    """Parameters of ``modules`` counted once each: a tied lm_head IS embed_tokens' tensor."""
+    return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
+
+
 def set_trainable(vlm, trainable: tuple[str, ...]) -> dict[str, int]:
-    """Freeze everything, then unfreeze the step's parts; the vision tower always stays frozen."""
+    """Freeze everything, then unfreeze the step's parts; the vision tower always stays frozen.
+    Returns the parameters of each part (a tied head counted once)."""
     vlm.requires_grad_(False)
     counts = {}
     for part, mods in part_modules(vlm).items():
         on = part in trainable and part != "vision"
         for m in mods:
             m.requires_grad_(on)
-        counts[part] = sum(p.numel() for m in mods for p in m.parameters())
+        counts[part] = unique_numel(mods)
     return counts
+
+
+def use_gradient_checkpointing(vlm, setting: bool | None) -> tuple[bool, str]:
+    """Turn activation checkpointing of the LLM's decoder layers on or off (``None``: auto, on for an
+    LLM of >= GC_AUTO_MIN_LLM_PARAMS parameters); returns (on, why) for the banner.
+
+    Non-reentrant torch checkpointing: it needs no input that requires grad (DPT trains the connector
+    only, so the LLM's own parameters are frozen), composes with DeepSpeed ZeRO-3's parameter hooks,
+    and leaves the final norm and the fused loss outside the recompute. transformers checkpoints only
+    modules in training mode: the trainer puts the model in train() (from_pretrained returns eval()).
+    """
+    llm = vlm.model.language_model
+    n = unique_numel([llm])
+    on = n >= GC_AUTO_MIN_LLM_PARAMS if setting is None else bool(setting)
+    why = (f"auto: LLM {n / 1e6:.1f}M parameters {'>=' if on else '<'} {GC_AUTO_MIN_LLM_PARAMS // 10**6}M"
+           if setting is None else "--gradient-checkpointing" if on else "--no-gradient-checkpointing")
+    new_names = hasattr(llm, "activation_checkpointing_enable")  # transformers 5.2x renamed them (old names warn)
+    if not on:
+        llm.activation_checkpointing_disable() if new_names else llm.gradient_checkpointing_disable()
+    elif new_names:
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return on, why
 
 
 class StudentLoss(torch.nn.Module):
@@ -122,13 +151,42 @@ def _counts(samples, idx, has_vis: bool, has_rel: bool) -> tuple[int, int, int]:
     return n_t, n_v, n_r
 
 
+def _find_resumable(out: Path, is0: bool, world: int) -> Path:
+    """The newest checkpoint of ``out`` that loads; damaged newer ones are named and skipped (kept on
+    disk). Rank 0 reads the files and tells the others, so every rank resumes from the same one."""
+    found = [ckpt.find_resumable(out) if is0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    resume_from, skipped = found[0]
+    if resume_from is None and skipped:
+        damaged = "; ".join(f"{d.name}: {why}" for d, why in skipped)
+        raise TrainerError(f"--resume: no checkpoint in {out} loads ({damaged}); nothing was changed. Fix: restore "
+                           f"one of them from a copy, or start afresh without --resume in a new --out")
+    if resume_from is None:
+        raise TrainerError(f"--resume: {out} holds no complete checkpoint to resume from "
+                           f"(run without --resume to start, or use --save-every to write periodic checkpoints)")
+    if is0:
+        for d, why in skipped:
+            print(f"student_trainer: --resume: skipping {d}: {why} (left in place); resuming from the newest "
+                  f"checkpoint that loads, {resume_from}")
+    return resume_from
+
+
+# Elements per ZeRO gradient-reduction / all-gather bucket. DeepSpeed's default (5e8) preallocates a
+# 1.9 GiB fp32 staging buffer per rank at the first backward, whatever the model's size; 5e7 keeps
+# buckets of 100-200 MB (still large messages for NCCL/gloo) and 1.7 GiB off a real-shape step. The
+# reduction of each element is the same, so the numerics do not change (tests: 2 ranks = 1 rank).
+ZERO_BUCKET_ELEMENTS = 50_000_000
+
+
 def _ds_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     return {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.global_batch // (cfg.micro_batch * world),
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": ZERO_BUCKET_ELEMENTS,
+                              "allgather_bucket_size": ZERO_BUCKET_ELEMENTS},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -141,8 +199,9 @@ def train(cfg: TrainConfig) -> RunResult:
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    from ckd_common.data import prepare_file
     from ckd_common.model import load_vlm, model_info
+    from ckd_common.prepared import keys_digest, sample_lengths
+    from student_trainer.dataset import training_data
 
     cuda = torch.cuda.is_available()
     cfg = cfg.resolved()
@@ -160,10 +219,7 @@ def train(cfg: TrainConfig) -> RunResult:
     _barrier()
     resume_from = None
     if cfg.resume:
-        resume_from = ckpt.latest_resumable(out)
-        if resume_from is None:
-            raise TrainerError(f"--resume: {out} holds no complete checkpoint to resume from "
-                               f"(run without --resume to start, or use --save-every to write periodic checkpoints)")
+        resume_from = _find_resumable(out, is0, world)
         saved = TrainConfig.load(resume_from / CONFIG_FILE).resolved()
         diffs = cfg.resume_differences(saved)
         if diffs:
@@ -180,8 +236,7 @@ def train(cfg: TrainConfig) -> RunResult:
     # -- model, data, cache -------------------------------------------------------------------
     vlm, tok = load_vlm(cfg.model, dtype=torch.float32, device=device)
     info = model_info(vlm, tok)
-    dataset = prepare_file(cfg.data, tok, spec.template, info.num_visual_tokens, info.image_token_id, cfg.images,
-                           cfg.max_length, cfg.data_on_error, progress=is0 and cfg.progress)
+    dataset = training_data(cfg, spec.template, info, tok, rank, world)  # prepared once, memory-mapped
     samples, n_missing, reader = dataset.samples, 0, None
     has_vis = has_rel = False
     if spec.uses_teacher:
@@ -192,22 +247,22 @@ def train(cfg: TrainConfig) -> RunResult:
         if n_missing and is0:
             print(f"student_trainer: --on-missing skip: {n_missing} of {len(dataset)} samples have no cached "
                   f"targets and are left out")
-    train_set = hashlib.sha256("".join(s.key for s in samples).encode()).hexdigest()[:32]
+    train_set = keys_digest(samples)
     if resume_from is not None:
         was = json.loads((resume_from / ckpt.STATE_FILE).read_text()).get("train_set")
         if was is not None and was != train_set:
             raise TrainerError(f"--resume: the training samples differ from the checkpoint's ({len(samples)} now; "
                                f"the data file, the cache's committed keys with --on-missing skip, or preparation "
                                f"changed), so the run could not continue exactly; start a new --out")
-    schedule = build_schedule([s.length for s in samples], cfg.global_batch, cfg.micro_batch, world, cfg.seed,
+    schedule = build_schedule(sample_lengths(samples), cfg.global_batch, cfg.micro_batch, world, cfg.seed,
                               cfg.epochs, cfg.group_by_length, cfg.max_steps)
     total_steps = len(schedule)
     gas = cfg.global_batch // (cfg.micro_batch * world)
 
     # -- engine --------------------------------------------------------------------------------
     counts = set_trainable(vlm, spec.trainable)
-    if cfg.gradient_checkpointing:
-        vlm.model.language_model.gradient_checkpointing_enable()
+    grad_ckpt, grad_ckpt_why = use_gradient_checkpointing(vlm, cfg.gradient_checkpointing)
+    vlm.train()  # from_pretrained returns eval(): checkpointing (and any dropout) only acts in training mode
     vlm.model.vision_tower.eval()  # frozen; no dropout either way
     module = StudentLoss(vlm, cfg.chunk_size, cfg.rel_variant, head_trainable="llm" in spec.trainable)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -222,8 +277,13 @@ def train(cfg: TrainConfig) -> RunResult:
 
     start_step = 0
     if resume_from is not None:
-        load_path, client = engine.load_checkpoint(str(resume_from / ckpt.DS_DIR), tag=ckpt.DS_TAG,
-                                                   load_module_strict=False)
+        try:
+            load_path, client = engine.load_checkpoint(str(resume_from / ckpt.DS_DIR), tag=ckpt.DS_TAG,
+                                                       load_module_strict=False)
+        except Exception as e:  # checked beforehand (ckpt.damage); what is left is e.g. another model's state
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TrainerError(f"--resume: DeepSpeed could not load {resume_from / ckpt.DS_DIR} "
+                               f"({type(e).__name__}: {first}); was it written by this model and step?") from None
         if load_path is None:
             raise TrainerError(f"--resume: DeepSpeed could not load {resume_from / ckpt.DS_DIR}")
         start_step = int(client["step"])
@@ -240,7 +300,8 @@ def train(cfg: TrainConfig) -> RunResult:
               f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.micro_batch} x {gas} accumulation x {world} = global "
               f"{cfg.global_batch}; {len(samples)} samples -> {total_steps} steps "
               f"({schedule.dropped_per_epoch} per epoch left out of the last partial batch); warm-up {warmup}\n"
-              f"  parts: {trainable}"
+              f"  parts: {trainable} (a tied lm_head counted once); gradient checkpointing "
+              f"{'on' if grad_ckpt else 'off'} ({grad_ckpt_why})"
               + (f"\n  cache: {reader.group.url} (k={reader.meta.k}, {len(reader)} samples)" if reader else "")
               + (f"\n  resuming from {resume_from} at step {start_step}" if resume_from else ""))
 

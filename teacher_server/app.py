@@ -50,21 +50,27 @@ def create_app(config: ServerConfig, engine: Engine | None = None, exit_on_load_
                               "The binary /v1/targets format is documented in teacher_server/PROTOCOL.md.",
                   lifespan=lifespan)
     app.state.service = service
-    install_error_handlers(app)
 
     if config.token:
-        expected = f"Bearer {config.token}".encode()
+        expected = config.token.encode()
 
         @app.middleware("http")
         async def bearer_auth(request: Request, call_next):
             if request.url.path not in PUBLIC_PATHS:
-                got = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(got, expected):
+                if not hmac.compare_digest(bearer_token(request.headers.get("authorization", "")), expected):
                     return error_response(Unauthorized("missing or wrong bearer token (Authorization: Bearer ...)"))
             return await call_next(request)
 
     app.include_router(router)
+    install_error_handlers(app)  # last: its guard wraps the auth middleware too
     return app
+
+
+def bearer_token(authorization: str) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` header; b"" for any other header. The
+    scheme is case-insensitive (RFC 9110 §11.1); the caller compares the token in constant time."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
 
 
 __all__ = ["create_app", "ServerConfig"]

@@ -1,7 +1,8 @@
 """``teacher_server serve --model DIR [--device cpu|cuda:0] [--dtype bf16|fp32] [--host 127.0.0.1]
 [--port 8000] [--port-file F] [--config-out F] [--max-batch-tokens N] [--token-file F] ...``: run one
-teacher behind HTTP. The flags map to ``teacher_server.config.ServerConfig``; the resolved config is
-logged at start and saved to --config-out (default: next to --port-file, ``NAME.config.json``)."""
+teacher behind HTTP. Every flag is a field of ``teacher_server.config.ServerConfig`` (derived with
+``ckd_common.config.add_arguments``); the resolved config is logged at start and saved to
+--config-out (default: next to --port-file, ``NAME.config.json``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +10,12 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from ckd_common.config import ConfigError
+from ckd_common.config import ConfigError, add_arguments, from_args
 from ckd_common.protocol import read_token_file
 
-from .config import DTYPES, LOG_LEVELS, ServerConfig
-from .engines import ENGINES
+from .config import ServerConfig
 
 log = logging.getLogger("teacher_server")
 
@@ -30,51 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teacher_server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="load a teacher and serve /v1/targets",
-                       formatter_class=_Formatter)
-    spec = {f.name: f for f in fields(ServerConfig)}
-
-    def opt(flag: str, name: str, **kw) -> None:  # help and default from the ServerConfig field
-        f = spec[name]
-        if not kw.get("required"):
-            kw.setdefault("default", f.default)
-        if "choices" not in kw:
-            kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
-        s.add_argument(flag, dest=name, help=f.metadata["help"], **kw)
-
-    # the one map of flags to ServerConfig fields (token: read from --token-file, never a flag)
-    opt("--model", "model_dir", required=True)
-    opt("--device", "device")
-    opt("--dtype", "dtype", choices=DTYPES)
-    opt("--engine", "engine", choices=ENGINES)
-    opt("--host", "host")
-    opt("--port", "port", type=int)
-    opt("--port-file", "port_file")
-    opt("--config-out", "config_out")
-    opt("--token-file", "token_file")
-    opt("--max-batch-tokens", "max_batch_tokens", type=int)
-    opt("--max-queue-tokens", "max_queue_tokens", type=int)
-    opt("--max-inflight-requests", "max_inflight_requests", type=int)
-    opt("--max-request-samples", "max_request_samples", type=int)
-    opt("--max-request-tokens", "max_request_tokens", type=int)
-    s.add_argument("--max-body-mb", dest="max_body_bytes", type=lambda mb: int(float(mb) * 2 ** 20), metavar="MB",
-                   default=str(spec["max_body_bytes"].default / 2 ** 20), help="request body limit in MiB")
-    opt("--max-k", "max_k", type=int)
-    opt("--chunk-size", "chunk_size", type=int)
-    opt("--graceful-timeout", "graceful_timeout_s", type=int)
-    opt("--torch-threads", "torch_threads", type=int)
-    opt("--log-level", "log_level", choices=LOG_LEVELS)
+    s = sub.add_parser("serve", help="load a teacher and serve /v1/targets", formatter_class=_Formatter)
+    add_arguments(s, ServerConfig)  # the token is no flag: it is read from --token-file
     return p
 
 
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(**{f.name: getattr(a, f.name) for f in fields(ServerConfig) if hasattr(a, f.name)})
+    return from_args(ServerConfig, a)
 
 
 def serve(a: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .connections import uvicorn_server
 
     cfg = config_from_args(a)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -114,8 +80,7 @@ def serve(a: argparse.Namespace) -> int:
         tmp.write_text(str(port))
         tmp.replace(cfg.port_file)
     log.info("listening on http://%s:%d (docs at /docs)", cfg.host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, access_log=False,
-                                           timeout_graceful_shutdown=cfg.graceful_timeout_s))
+    server = uvicorn_server(app, cfg)
     # uvicorn handles SIGTERM/SIGINT itself (stop accepting, finish in-flight requests, run the
     # lifespan shutdown that drains the engine), then re-raises the signal to the handlers that
     # were installed before it: make those no-ops so a graceful shutdown exits 0, not -15.

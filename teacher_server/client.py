@@ -31,9 +31,10 @@ from ckd_common.protocol import Info, Ready
 from ckd_common.wire import (CONTENT_TYPE_REQUEST, TargetsRequest, TargetsResponse, WireError, decode_response,
                              encode_request)
 
-# 429/5xx: overloaded, loading, shutting down or a failed batch: another attempt (maybe on another
-# replica) can succeed. Every other 4xx names a problem of the request itself: final.
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# 408/429/5xx: a slow upload, overloaded, loading, shutting down or a failed sample: another
+# attempt (maybe on another replica) can succeed. Every other 4xx names a problem of the request
+# itself: final.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class ClientError(RuntimeError):
@@ -54,7 +55,7 @@ class NotReady(ClientError):
 
 
 class RetryableError(ClientError):
-    """Worth another attempt: a transport error (refused, reset, timeout) or HTTP 429/5xx."""
+    """Worth another attempt: a transport error (refused, reset, timeout) or HTTP 408/429/5xx."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, status)
@@ -105,8 +106,25 @@ def _raise_for_targets(r: httpx.Response, url: str) -> None:
     raise ClientError(detail, r.status_code)
 
 
-def _transport(e: httpx.TransportError, url: str) -> RetryableError:
-    return RetryableError(f"{type(e).__name__} talking to {url}: {e}")
+def _failure(e: Exception, url: str, what: str) -> ClientError:
+    """A request that got no HTTP answer, as one line: the server, the request, what happened and
+    what to do. A URL that cannot work is final; everything else (refused, reset, timed out, broken
+    answer) is worth another attempt."""
+    if isinstance(e, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
+        return ClientError(f"{url!r} is not an http(s) URL of a teacher server ({e}); use e.g. "
+                           f"http://127.0.0.1:8000")
+    reason = str(e) or type(e).__name__
+    if isinstance(e, httpx.ConnectError):
+        hint = "is the server running (teacher_server serve ...) and is the URL right?"
+    elif isinstance(e, httpx.TimeoutException):
+        hint = "the server is overloaded or hung; check its log and /metrics, or raise the client's timeout"
+    else:  # reset, closed mid-answer, protocol error: the server died, restarted or was killed
+        hint = "the server may have died or restarted; check its log, then retry"
+    return RetryableError(f"{type(e).__name__} talking to {url} ({what}): {reason}; {hint}")
+
+
+# what httpx raises when no answer came (InvalidURL is no RequestError: a URL httpx cannot even parse)
+_NO_ANSWER = (httpx.RequestError, httpx.InvalidURL)
 
 
 class TeacherClient:
@@ -131,8 +149,8 @@ class TeacherClient:
     def _get(self, path: str, timeout: float | None = None) -> httpx.Response:
         try:
             return self._http.get(self.url + path, **({} if timeout is None else {"timeout": timeout}))
-        except httpx.TransportError as e:
-            raise _transport(e, self.url) from None
+        except _NO_ANSWER as e:
+            raise _failure(e, self.url, f"GET {path}") from None
 
     def _ok(self, r: httpx.Response, what: str) -> httpx.Response:
         if r.status_code == 401:
@@ -196,8 +214,13 @@ class TeacherClient:
 
         data = self.tokenizer_zip()
         with tempfile.TemporaryDirectory() as d:
-            zipfile.ZipFile(io.BytesIO(data)).extractall(d)
-            return AutoTokenizer.from_pretrained(d, local_files_only=True)
+            try:
+                zipfile.ZipFile(io.BytesIO(data)).extractall(d)
+                return AutoTokenizer.from_pretrained(d, local_files_only=True)
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise ClientError(f"server {self.url}: GET /v1/tokenizer sent {len(data)} bytes that are not a "
+                                  f"loadable tokenizer ({type(e).__name__}: {e}); is it a teacher_server of "
+                                  f"this version?") from None
 
     def metrics(self) -> str:
         """GET /metrics (Prometheus text)."""
@@ -212,8 +235,8 @@ class TeacherClient:
                 try:
                     r = self._http.post(self.url + "/v1/targets", content=body,
                                         headers={"Content-Type": CONTENT_TYPE_REQUEST})
-                except httpx.TransportError as e:
-                    raise _transport(e, self.url) from None
+                except _NO_ANSWER as e:
+                    raise _failure(e, self.url, "POST /v1/targets") from None
                 if r.status_code != 200:
                     _raise_for_targets(r, self.url)
                 try:
@@ -246,8 +269,8 @@ class AsyncTeacherClient:
         (transport errors, 429/5xx) or ClientError (any other answer: final)."""
         try:
             r = await self._http.post(self.url + "/v1/targets", content=body)
-        except httpx.TransportError as e:
-            raise _transport(e, self.url) from None
+        except _NO_ANSWER as e:
+            raise _failure(e, self.url, "POST /v1/targets") from None
         if r.status_code != 200:
             _raise_for_targets(r, self.url)
         return r.content

@@ -11,7 +11,8 @@ TOKEN_BUCKETS = tuple(2 ** i for i in range(6, 20))
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("teacher_requests", "POST /v1/targets requests by status code", ["code"], registry=r)
+        self.requests = Counter("teacher_requests", "POST /v1/targets requests by status code (499: the client "
+                                "closed the connection first; never sent)", ["code"], registry=r)
         self.latency = Histogram("teacher_request_latency_seconds", "POST /v1/targets latency (admission to "
                                  "response)", buckets=LATENCY_BUCKETS, registry=r)
         self.samples = Counter("teacher_samples", "samples processed", registry=r)
@@ -25,7 +26,15 @@ class Metrics:
                                        registry=r)
         self.queue_tokens = Gauge("teacher_queue_tokens", "tokens admitted and not finished", registry=r)
         self.queue_samples = Gauge("teacher_queue_samples", "samples waiting for a batch", registry=r)
-        self.inflight = Gauge("teacher_inflight_requests", "requests being handled", registry=r)
+        self.inflight = Gauge("teacher_inflight_requests", "requests admitted: body arrived, being decoded, "
+                              "queued or computed (bounded by --max-inflight-requests)", registry=r)
+        self.receiving = Gauge("teacher_receiving_requests", "POST /v1/targets bodies being received", registry=r)
+        self.open_connections = Gauge("teacher_open_connections", "open HTTP connections", registry=r)
+        self.connections_refused = Counter("teacher_connections_refused", "connections answered 503 because "
+                                           "--max-connections were open", registry=r)
+        self.receive_timeouts = Counter("teacher_receive_timeouts", "connections closed by the connection layer "
+                                        "because a request's headers (408) or an unread body stalled", ["phase"],
+                                        registry=r)
         self.tokens_per_second = Gauge("teacher_tokens_per_second", "recent engine throughput (EMA over batches)",
                                        registry=r)
 

@@ -11,16 +11,17 @@ from ckd_common.wire import CONTENT_TYPE_REQUEST, CONTENT_TYPE_RESPONSE
 
 from ckd_common.protocol import ErrorBody, Health, Info, Ready
 
-from .errors import ServerError
+from .errors import as_server_error
 
 router = APIRouter()
 
 
 def _errors(*codes: int) -> dict:
     """OpenAPI error responses: exactly the codes an endpoint can answer with (errors.py). Every
-    endpoint but the probes answers 401 when a token is set (app.py) and 500 on an unexpected
-    failure; the others are listed per endpoint."""
-    return {code: {"model": ErrorBody} for code in sorted({401, 500, *codes})}
+    endpoint but the probes answers 401 when a token is set (app.py), 500 on an unexpected failure,
+    and 408 / 503 from the connection layer (connections.py: a stalled request, too many
+    connections); the others are listed per endpoint."""
+    return {code: {"model": ErrorBody} for code in sorted({401, 408, 500, 503, *codes})}
 
 
 def _service(request: Request):
@@ -65,7 +66,7 @@ async def tokenizer(request: Request) -> Response:
              openapi_extra={"requestBody": {"required": True, "content": {
                  CONTENT_TYPE_REQUEST: {"schema": {"type": "string", "format": "binary"}}}}},
              responses={200: {"content": {CONTENT_TYPE_RESPONSE: {"schema": {"type": "string", "format": "binary"}}}},
-                        **_errors(400, 413, 422, 503)})
+                        **_errors(400, 413, 422)})
 async def targets(request: Request) -> Response:
     svc = _service(request)
     t0 = time.perf_counter()
@@ -73,10 +74,13 @@ async def targets(request: Request) -> Response:
     try:
         body = await svc.targets(request)
         return Response(body, media_type=CONTENT_TYPE_RESPONSE)
-    except ServerError as e:
-        code = e.status
-        raise
-    except BaseException:
+    except Exception as e:  # mapped here (not later) so that /metrics counts the code the client gets
+        err = as_server_error(e, "POST /v1/targets")
+        code = err.status
+        if err is e:
+            raise
+        raise err from None
+    except BaseException:  # cancelled: the server stopped waiting (shutdown past --graceful-timeout)
         code = 500
         raise
     finally:

@@ -1,5 +1,6 @@
-"""The teacher service: admission (caps, back-pressure), validation of every sample, and the
-engine call. Routes stay thin; every failure is a teacher_server.errors.ServerError."""
+"""The teacher service: reading a body against its deadline, admission (caps, back-pressure),
+validation of every sample, and the engine call. Routes stay thin; every failure is a
+teacher_server.errors.ServerError."""
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from starlette.requests import ClientDisconnect
 
-from ckd_common.data import MAX_IMAGE_PIXELS, preprocess_image
+from ckd_common.data import preprocess_image
 from ckd_common.keys import image_hash, sample_key
 from ckd_common.protocol import Info
 from ckd_common.teacher import TeacherInput
@@ -23,12 +25,10 @@ from ckd_common.wire import (WIRE_VERSION, TargetsRequest, TargetsResponse, Wire
 
 from .config import ServerConfig
 from .engines import Engine, EngineDescription, make_engine
-from .errors import BadRequest, InvalidSample, NotReady, Overloaded, PayloadTooLarge
+from .errors import BadRequest, ClientClosed, InvalidSample, NotReady, Overloaded, PayloadTooLarge, RequestTimeout
 from .metrics import Metrics
 
 log = logging.getLogger("teacher_server")
-# Decoded RGB costs 3 bytes per pixel; a small compressed file can claim a huge canvas. Real VLM
-# inputs are a few megapixels at most.
 
 
 def _describe(i: int, s: WireSample) -> str:
@@ -99,6 +99,7 @@ class TeacherService:
                     max_k=self.cfg.max_k, max_batch_tokens=self.cfg.max_batch_tokens,
                     max_request_samples=self.cfg.max_request_samples,
                     max_request_tokens=self.cfg.max_request_tokens, max_body_bytes=self.cfg.max_body_bytes,
+                    max_image_pixels=self.cfg.max_image_pixels,
                     supported_templates=sorted(TEMPLATES), target_kinds=list(d.target_kinds),
                     wire_version=WIRE_VERSION)
 
@@ -110,7 +111,9 @@ class TeacherService:
 
     @contextmanager
     def admit(self):
-        """Bound the requests handled at once, before their bodies are read (bounded memory)."""
+        """Bound the requests the engine side works on at once. Entered once the body has arrived: a
+        client uploading slowly must not hold a slot (bodies being received are bounded by the
+        connection cap, connections.py)."""
         if self._inflight >= self.cfg.max_inflight_requests:
             raise Overloaded(f"{self._inflight} requests in flight (limit {self.cfg.max_inflight_requests}); "
                              f"retry later", self.retry_after())
@@ -123,17 +126,39 @@ class TeacherService:
             self.metrics.inflight.dec()
 
     async def read_body(self, request) -> bytes:
+        """The request body, read by ``ServerConfig.body_deadline`` (408 after it) and within
+        ``max_body_bytes`` (413)."""
         cap = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {cap} bytes; "
                                   f"send fewer samples per request")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > cap:  # chunked uploads have no Content-Length: enforce while reading
-                raise PayloadTooLarge(f"request body exceeds the limit of {cap} bytes; send fewer samples per request")
-            chunks.append(chunk)
+        stream = request.stream().__aiter__()
+        self.metrics.receiving.inc()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(self.cfg.body_deadline(started, n)):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request body did not arrive in time: {n} bytes in {loop.time() - started:.0f} s "
+                        f"(the server allows --body-timeout {self.cfg.body_timeout_s:g} s plus 1 s per "
+                        f"--min-upload-rate {self.cfg.min_upload_kib_s:g} KiB); send the body at once") from None
+                n += len(chunk)
+                if n > cap:  # chunked uploads have no Content-Length: enforce while reading
+                    raise PayloadTooLarge(f"request body exceeds the limit of {cap} bytes; send fewer samples "
+                                          f"per request")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientClosed(f"the client closed the connection after {n} bytes of the request body") from None
+        finally:
+            self.metrics.receiving.dec()
         return b"".join(chunks)
 
     # -- validation ----------------------------------------------------------------------------------
@@ -196,7 +221,8 @@ class TeacherService:
                 raise InvalidSample(f"{who}: the visual span [{vs}, {vs + s.num_visual}) must hold exactly the "
                                     f"{s.num_visual} image tokens (id {m.image_token_id}) of the sample; found "
                                     f"{n_image_tokens} image tokens")
-            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio, self.engine.needs_pixels)
+            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio, self.cfg.max_image_pixels,
+                                        self.engine.needs_pixels)
         else:
             if s.num_visual != 0 or n_image_tokens:
                 raise InvalidSample(f"{who}: no image was sent, but the sample has num_visual={s.num_visual} "
@@ -214,15 +240,16 @@ class TeacherService:
         return inp
 
     @staticmethod
-    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str, decode: bool = True) -> np.ndarray | None:
+    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str, max_pixels: int,
+                      decode: bool = True) -> np.ndarray | None:
         from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size  # from the header: refuse decompression bombs before decoding
-                if w * h > MAX_IMAGE_PIXELS:
+                if w * h > max_pixels:
                     raise InvalidSample(f"{who}: the image is {w}x{h} pixels, more than the server decodes "
-                                        f"({MAX_IMAGE_PIXELS} pixels); downscale it")
+                                        f"({max_pixels} pixels, /v1/info max_image_pixels); downscale it")
                 if not decode:  # the engine does not look at pixels (Engine.needs_pixels)
                     return None
                 im.load()
@@ -236,8 +263,8 @@ class TeacherService:
     # -- the endpoint's work ------------------------------------------------------------------------
     async def targets(self, request) -> bytes:
         self.require_ready()
+        body = await self.read_body(request)
         with self.admit():
-            body = await self.read_body(request)
             req, inputs, vocab_limit = await asyncio.to_thread(self.decode_and_check, body)
             del body
             tokens = sum(x.length for x in inputs)

@@ -15,20 +15,21 @@ from pathlib import Path
 def fill_cache(teacher_dir: str | Path, data: str | Path, images: str | Path | None, template: str,
                cache_root: str | Path, k: int = 16, batch_size: int = 8, max_length: int = 2048,
                limit: int | None = None, vocab_limit: int | None = None, encoding: str = "f16") -> str:
-    """Prepare ``data`` with the teacher's tokenizer, run the teacher, write one group; returns its name.
+    """Prepare ``data`` with the teacher's tokenizer (the prepared dataset under $CKD_PREPARED_DIR, which
+    the trainer then opens), run the teacher, write one group; returns its name.
 
     ``limit`` fills only the first samples (to test missing targets); ``vocab_limit`` overrides the
     common vocabulary (to build a deliberately incompatible cache)."""
     import torch
 
-    from ckd_common.data import prepare_file
     from ckd_common.model import load_vlm, model_info
+    from ckd_common.prepared import PrepareSpec, obtain
     from ckd_common.teacher import TeacherInput, TeacherRunner
     from logit_cache import TARGET_KINDS, CacheMeta, open_group
 
     model, tok = load_vlm(teacher_dir)
     info = model_info(model, tok)
-    ds = prepare_file(data, tok, template, info.num_visual_tokens, info.image_token_id, images, max_length)
+    ds = obtain(PrepareSpec.of(data, images, template, info, max_length), tok, log=None)  # as the trainer will
     vocab = vocab_limit or info.common_vocab
     meta = CacheMeta.for_dataset(ds, teacher_fingerprint=info.fingerprint, tokenizer_hash=info.tokenizer_hash,
                                  vocab_size=vocab, k=k, vision_strategy=info.vision_strategy,

@@ -61,6 +61,7 @@ def keys(lo, hi):
     return {make_sample(i).key for i in range(lo, hi)}
 
 
+@pytest.mark.integration
 def test_sigkill_mid_segment_then_resume(tmp_path):
     root = tmp_path / "cache"
     p = run_worker(root, 0, 30, 10, hang=3)  # segments 1, 2 commit; killed while writing the 3rd
@@ -85,6 +86,7 @@ def test_sigkill_mid_segment_then_resume(tmp_path):
     assert g.uncommitted_segments() == [] and verify(g, progress=False)["samples"] == 30
 
 
+@pytest.mark.integration
 def test_gc_keeps_live_writer_segment(tmp_path):
     root = tmp_path / "cache"
     p = run_worker(root, 0, 20, 10, hang=1)
@@ -98,6 +100,7 @@ def test_gc_keeps_live_writer_segment(tmp_path):
         p.wait()
 
 
+@pytest.mark.integration
 def test_concurrent_writers_lose_nothing(tmp_path):
     root = tmp_path / "cache"
     procs = [run_worker(root, j * 25, (j + 1) * 25, 6) for j in range(4)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from ckd_common.targets import SampleTargets, SparseTopK
+from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK, dense_autocorr
 from logit_cache import CacheMeta, CacheReader, open_for_training, open_group
 from logit_cache.maintenance import compact, info, verify
 from logit_cache.synthetic import make_sample, random_key
@@ -45,11 +45,26 @@ def assert_close(a: SampleTargets, b: SampleTargets, enc: str):
         np.testing.assert_allclose(np.exp(y.logprobs[fin]), np.exp(x.logprobs[fin]), atol=tol)
         np.testing.assert_allclose(y.tail, x.tail, atol=1e-3)
         assert y.logprobs.dtype == np.float32 and y.tail.dtype == np.float32
-    if a.autocorr is None:
-        assert b.autocorr is None
-    else:
-        np.testing.assert_allclose(b.autocorr, a.autocorr, atol=1e-3)
-        np.testing.assert_array_equal(b.autocorr, b.autocorr.T)
+    assert_autocorr_stored(a.autocorr, b.autocorr)
+
+
+def assert_autocorr_stored(written, read):
+    """A read-back autocorrelation is a factor whose stored share is its real error."""
+    if written is None:
+        assert read is None
+        return
+    assert isinstance(read, AutocorrFactor)
+    if isinstance(written, AutocorrFactor):  # factors are stored verbatim
+        np.testing.assert_array_equal(read.codes, written.codes)
+        np.testing.assert_array_equal(read.scale, written.scale)
+        assert read.share == np.float32(written.share)
+        return
+    r = dense_autocorr(written)
+    r = r / np.linalg.norm(r)
+    err2 = float(np.linalg.norm(r - read.dense()) ** 2)
+    assert abs(err2 - (1 - read.share)) < 1e-5, (err2, read.share)
+    assert read.share > 0.999
+    np.testing.assert_array_equal(read.dense(), read.dense().T)
 
 
 @pytest.mark.parametrize("enc", ["f16", "q8"])
@@ -67,6 +82,11 @@ def test_round_trip(tmp_path, enc):
     seq = {t.key: t for t in r.iter_samples()}
     assert set(seq) == {s.key for s in samples}
     assert verify(g, progress=False)["samples"] == 40
+    rep = info(g)
+    assert rep["format_version"] == 2 and rep["image_samples"] == sum(s.visual is not None for s in samples)
+    assert rep["bytes_per_image_sample"] > 0 and rep["stored_bytes_by_array"]["autocorr"] > 0
+    fac = rep["autocorr_factor"]
+    assert 0 < fac["rank_max"] <= NV and 0.999 < fac["share_min"] <= 1 and fac["worst_rel_loss_error_bound"] < 0.07
 
 
 def test_padding_and_exact_ids_wide_vocab(tmp_path):
@@ -85,23 +105,32 @@ def test_padding_and_exact_ids_wide_vocab(tmp_path):
     assert t.visual is None and t.autocorr is None
 
 
-@pytest.mark.parametrize("enc", ["f16", "q8"])
-def test_plain_zarr_read_follows_format_md(tmp_path, enc):
+@pytest.mark.parametrize("enc, vocab", [("f16", VOCAB), ("q8", VOCAB), ("q8", 151_936)])
+def test_plain_zarr_read_follows_format_md(tmp_path, enc, vocab):
     """Read a sample with zarr+numpy only, exactly as FORMAT.md §3.3 says, and compare."""
     root = tmp_path / "cache"
-    g, samples = fill(root, 20, enc, segment_rows=8)
+    g = open_group(root, meta=meta(enc, vocab_size=vocab), create=True)
+    samples = [make_sample(i, vocab, K, NV) for i in range(20)]
+    with g.writer(segment_rows=8) as w:
+        for s in samples:
+            w.add(s)
     r = CacheReader(g)
     target = samples[13]
     seg_id, row = r.locate(target.key)
-    # -- plain zarr from here on ---------------------------------------------------------
+    k, vocab_size, i = K, vocab, row
+    # -- plain zarr from here on (the FORMAT.md snippet, for text and visual) --------------------
     grp = zarr.open_group(f"{root}/qwen2_base__ds0123456789abcd", mode="r")
-    assert grp.attrs["logit_cache"]["format_version"] == 1
+    assert grp.attrs["logit_cache"]["format_version"] == 2
     seg = zarr.open_group(f"{root}/qwen2_base__ds0123456789abcd/segments/{seg_id}", mode="r")
-    assert bytes(seg["keys"][row]).hex() == target.key
+    assert bytes(seg["keys"][i]).hex() == target.key
 
     def topk(kind):
-        o = seg[f"{kind}_offsets"][row:row + 2]
-        ids = seg[f"{kind}_ids"][o[0]:o[1]]
+        o = seg[f"{kind}_offsets"][i:i + 2]
+        ids = seg[f"{kind}_ids"][o[0]:o[1]].astype("int64")
+        if f"{kind}_ids_hi" in seg:
+            h = int(np.ceil(np.log2(vocab_size))) - 16
+            bits = np.unpackbits(seg[f"{kind}_ids_hi"][o[0]:o[1]], axis=1, count=k * h).reshape(len(ids), k, h)
+            ids |= (bits.astype("int64") @ (1 << np.arange(h - 1, -1, -1))) << 16
         tail = seg[f"{kind}_tail"][o[0]:o[1]].astype("float32")
         lp = seg[f"{kind}_lp"][o[0]:o[1]]
         if enc == "q8":
@@ -112,20 +141,24 @@ def test_plain_zarr_read_follows_format_md(tmp_path, enc):
 
     ids, lp, tail = topk("text")
     vids, vlp, vtail = topk("visual")
-    a = seg["autocorr_offsets"][row:row + 2]
-    flat = seg["autocorr"][a[0]:a[1]].astype("float32")
-    nv = int((np.sqrt(8 * len(flat) + 1) - 1) / 2)
-    R = np.zeros((nv, nv), "float32")
-    R[np.triu_indices(nv)] = flat
-    R.T[np.triu_indices(nv)] = flat
-    # -- compare with the project reader ---------------------------------------------------
+    a = seg["autocorr_offsets"][i:i + 2]
+    U = (seg["autocorr"][a[0]:a[1]].astype("float32") * seg["autocorr_scale"][a[0]:a[1]][:, None]).T
+    R = U @ U.T
+    share = float(seg["autocorr_share"][i])
+    # -- compare with the project reader and with what was written -------------------------------
+    assert ("text_ids_hi" in seg) == (vocab > 65536)
     t = r.get(target.key)
     np.testing.assert_array_equal(ids, t.text.ids)
+    np.testing.assert_array_equal(ids, target.text.ids)
     np.testing.assert_allclose(lp, t.text.logprobs, rtol=1e-6)
     np.testing.assert_array_equal(tail, t.text.tail)
     np.testing.assert_array_equal(vids, t.visual.ids)
+    np.testing.assert_array_equal(vids, target.visual.ids)
     np.testing.assert_allclose(vlp, t.visual.logprobs, rtol=1e-6)
-    np.testing.assert_array_equal(R, t.autocorr)
+    np.testing.assert_array_equal(R, t.autocorr.dense())
+    assert share == t.autocorr.share
+    want = target.autocorr / np.linalg.norm(target.autocorr)
+    assert abs(np.linalg.norm(want - R) ** 2 - (1 - share)) < 1e-5
 
 
 def test_fsspec_memory_store_and_sharding(tmp_path):
@@ -186,6 +219,7 @@ def _read_ids_with(args):
     return reader.get(key).text.ids.tolist()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_reader_in_loader_worker_processes(tmp_path, start):
     """A reader built (and used) in the parent works in forked and spawned data-loader workers."""

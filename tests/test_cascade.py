@@ -24,14 +24,13 @@ STEPS = {s: {"lr": 1.0e-3, "global_batch": 8, "micro_batch": 4, "max_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from ckd_common.model import init_preset
+def env(tmp_path_factory, tiny_models):
     from ckd_common.synth import synthesize
 
     root = tmp_path_factory.mktemp("cascade")
     synthesize(root / "data", seed=1, n_pretrain=12, n_instruct=12, n_eval=5)
-    for p in ("tiny-student", "tiny-ta", "tiny-teacher"):
-        init_preset(p, root / "models" / p)
+    for p in ("tiny-student", "tiny-ta", "tiny-teacher"):  # the session's presets, copied: never changed in place
+        shutil.copytree(tiny_models[p], root / "models" / p)
     return root
 
 
@@ -64,6 +63,7 @@ def _events(env: Path, run: str) -> list[dict]:
 # config and plan (no process started)
 
 
+@pytest.mark.integration
 def test_invalid_config_lists_every_problem_before_starting(env, tmp_path):
     other = tmp_path / "other-tok"
     from ckd_common.model import init_preset
@@ -161,12 +161,17 @@ def test_plans_for_each_strategy(env):
 
 # ---------------------------------------------------------------------------------------------
 # real cascades (shared by the tests below: each fixture runs once per module, on demand)
+# Whichever test asks first pays for the fixtures' cascades (a few minutes each on 2 busy cores), so
+# each of these tests gets a generous pytest timeout; the cascades themselves need no timeout of
+# their own (pytest-timeout interrupts subprocess.run, which then kills the cascade).
+CASCADES_S = 2400  # bottom-up (+ single) cascade fixtures
+INTERRUPTED_S = 3600  # ... + an interrupted cascade and its resumption
 
 
 @pytest.fixture(scope="module")
 def bottom_up_run(env):
     """The bottom-up cascade: fills the TA's and the Teacher's caches under cache/."""
-    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env, timeout=900)
+    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, _events(env, "bu")
 
@@ -174,15 +179,16 @@ def bottom_up_run(env):
 @pytest.fixture(scope="module")
 def single_run(env, bottom_up_run):
     """A single-teacher cascade after the bottom-up one: the Teacher's cache is already complete."""
-    r = _ckd("cascade", str(_config(env, "single", "single", teachers=("teacher",))), cwd=env, timeout=900)
+    r = _ckd("cascade", str(_config(env, "single", "single", teachers=("teacher",))), cwd=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, _events(env, "single")
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
 def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     _, ev = bottom_up_run
-    jobs = [e["job"] for e in ev]
+    jobs = [e["job"] for e in ev if e["kind"] != "prepare"]
     assert jobs[0] == "fill:ta" and "fill:teacher" in jobs
     assert [j for j in jobs if j.startswith("train")] == [
         f"train:{s}:{st}" for s in ("s1-ta", "s2-teacher") for st in ("dpt", "sft", "dft")]
@@ -203,14 +209,39 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     assert summary["eval"]["bench"] == "synth" and 0 <= summary["eval"]["score"] <= 100
 
     # re-running a finished cascade only reports
-    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env, timeout=600)
+    r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env)
     assert r.returncode == 0, r.stderr[-3000:]
     new = _events(env, "bu")[len(ev):]
-    assert all(e["status"] == "reused" and e["kind"] == "fill" for e in new), new
+    assert all(e["status"] == "reused" and e["kind"] in ("prepare", "fill") for e in new), new
     assert "already finished" in r.stdout
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
+def test_bottom_up_prepares_each_split_exactly_once(env, bottom_up_run):
+    """Issue 14: the data was prepared 14 times per bottom-up cascade (every trainer step, every fill, the
+    completeness checks). Now each split is prepared once, before any fill or training step, and every
+    fill and trainer opens that directory."""
+    r, ev = bottom_up_run
+    prepares = [e for e in ev if e["kind"] == "prepare"]
+    assert sorted((e["job"], e["status"]) for e in prepares) == [("prepare:instruct", "done"),
+                                                                  ("prepare:pretrain", "done")]
+    first_other = min(i for i, e in enumerate(ev) if e["kind"] != "prepare")
+    assert all(e["kind"] == "prepare" for e in ev[:first_other]) and len(prepares) == first_other
+    logs = {p.name: p.read_text() for p in (env / "runs" / "bu" / "logs").glob("*.log")}
+    builds = [ln for text in [r.stdout, r.stderr, *logs.values()] for ln in text.splitlines()
+              if "prepared data: building " in ln]
+    assert len(builds) == 2, builds
+    assert sum("pretrain.json" in b for b in builds) == 1 and sum("instruct.json" in b for b in builds) == 1
+    dirs = {e["prepared"] for e in prepares}
+    users = {n: t for n, t in logs.items() if n.startswith("fill-") or n.split("-")[-1][:-4] in STEPS}
+    assert len(users) == 4 + 6  # a fill per teacher and split, 6 training steps
+    for name, text in users.items():
+        assert any(f"prepared data: using {d} " in text for d in dirs), name
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
 def test_second_cascade_reuses_the_teacher_cache(env, single_run):
     _, events = single_run
     fills = [e for e in events if e["kind"] == "fill"]
@@ -219,6 +250,7 @@ def test_second_cascade_reuses_the_teacher_cache(env, single_run):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
 def test_cache_check_fingerprints_each_teacher_once_and_still_sees_a_changed_one(env, bottom_up_run, tmp_path):
     from ckd_common.model import init_preset
     from deploy.cascade.caches import CacheCheck
@@ -240,6 +272,7 @@ def test_cache_check_fingerprints_each_teacher_once_and_still_sees_a_changed_one
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(INTERRUPTED_S)
 def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
     cfg = _config(env, "single-int", "single", teachers=("teacher",))
     # started with SIGINT ignored, as every background job of a non-interactive shell is (`make test &`,
@@ -248,12 +281,14 @@ def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
+        # the cascade writes the step's log header *before* it forks the trainer (tens of ms later
+        # with the cascade's memory to copy): wait for the SFT log, then for the trainer process
+        # itself — the cascade has no other child by then (DPT's trainer has been reaped)
         log = env / "runs" / "single-int" / "logs" / "kd-teacher-sft.log"
-        deadline = time.monotonic() + 600
-        while not log.is_file() and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.2)
+        running: dict[int, int] = {}
+        while p.poll() is None and not (log.is_file() and (running := descendants(p.pid))):
+            time.sleep(0.05)
         assert p.poll() is None, p.stdout.read()
-        running = descendants(p.pid)  # the SFT trainer (and whatever it started)
         os.kill(p.pid, signal.SIGINT)
         out, _ = p.communicate(timeout=120)
     finally:
@@ -265,7 +300,7 @@ def test_interrupted_cascade_resumes_to_the_same_result(env, single_run):
     assert running and alive(running) == []  # no server, fill or trainer outlives the command
     assert not (env / "runs" / "single-int" / "stages" / "kd-teacher" / "dft").exists()
 
-    r = _ckd("cascade", str(cfg), cwd=env, timeout=900)
+    r = _ckd("cascade", str(cfg), cwd=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "dpt: already finished" in r.stdout
 

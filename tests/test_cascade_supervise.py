@@ -40,6 +40,7 @@ def test_stop_signals_interrupt_even_when_the_command_started_with_them_ignored(
         assert signal.getsignal(sig) is signal.SIG_IGN  # the previous disposition is back
 
 
+@pytest.mark.integration
 def test_a_signal_while_a_child_starts_is_raised_once_the_child_is_registered(stop_signals_ignored, tmp_path,
                                                                              monkeypatch):
     started: list[subprocess.Popen] = []
@@ -87,6 +88,7 @@ def test_no_child_starts_once_stopping_from_any_thread(tmp_path):
     assert children.running() == [] and not (tmp_path / "thread.log").exists()
 
 
+@pytest.mark.integration
 def test_a_child_failure_quotes_its_log(tmp_path):
     with pytest.raises(supervise.CascadeError, match=r"(?s)demo step failed \(exit 3\).*boom"):
         Children().run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "x.log",

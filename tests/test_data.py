@@ -100,6 +100,7 @@ def test_sample_key_changes_with_each_input():
     assert base != sample_key("qwen2_base", ids, None, 16)
 
 
+@pytest.mark.integration
 def test_sample_keys_stable_across_processes(student, img_dir, tmp_path):
     s = _preparer(student, "qwen2_base", img_dir).prepare(_record())
     code = ("from ckd_common.model import load_vlm, model_info; from ckd_common.data import Preparer;"

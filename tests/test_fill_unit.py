@@ -131,9 +131,9 @@ def test_cli_is_derived_from_the_config_and_keeps_its_flags():
                   "--vocab-limit", "400", "--encoding", "f16", "--batch-samples", "4", "--concurrency", "3",
                   "--writers", "3", "--segment-rows", "100", "--segment-mb", "64", "--clevel", "3", "--retries", "2",
                   "--backoff", "0.1", "--max-backoff", "2", "--timeout", "5", "--wait-ready", "7", "--max-length", "99",
-                  "--on-error", "skip", "--token-file", "t", "--no-progress"])
+                  "--on-error", "skip", "--prepared", "prep/x", "--token-file", "t", "--no-progress"])
     assert cfg == FillConfig(["http://a:1", "http://b:2"], "d.json", "img", "qwen2_base", 16, "cache/x", "tok", 400,
-                             "f16", 4, 3, 3, 100, 64, 3, 2, 0.1, 2.0, 5.0, 7.0, 99, "skip", "t", False)
+                             "f16", 4, 3, 3, 100, 64, 3, 2, 0.1, 2.0, 5.0, 7.0, 99, "skip", "prep/x", "t", False)
     assert _parse(to_argv(cfg)) == cfg  # a parent (the cascade) can write the command line back
     defaults = _parse(["--server", "http://a", "--data", "d", "--template", "pretrain", "--out", "o"])
     assert defaults == FillConfig(["http://a"], "d", None, "pretrain", out="o")
@@ -210,6 +210,7 @@ def test_null_engine_serves_valid_deterministic_targets_of_the_teachers_shapes(t
     import asyncio
 
     from ckd_common.model import load_vlm, model_info
+    from ckd_common.targets import AUTOCORR_MAX_RANK, AutocorrFactor
     from ckd_common.teacher import TeacherInput
     from logit_cache import open_group
     from teacher_server.config import ServerConfig
@@ -231,6 +232,9 @@ def test_null_engine_serves_valid_deterministic_targets_of_the_teachers_shapes(t
     for x, t, u, n in zip(inputs, out, again, narrow):
         assert t.key == x.key and t.text.num_positions == len(x.response_positions) and t.text.k == 8
         assert (t.visual is None) == (not x.num_visual) == (t.autocorr is None)
+        if x.num_visual:  # a factor, as a real teacher sends (wire v2, cache format 2), of a teacher's rank
+            assert isinstance(t.autocorr, AutocorrFactor) and t.autocorr.num_visual == nv
+            assert 1 <= t.autocorr.rank <= min(nv, AUTOCORR_MAX_RANK) and 0.99 <= t.autocorr.share <= 1
         np.testing.assert_array_equal(t.text.ids, u.text.ids)  # the same sample, the same targets
         np.testing.assert_array_equal(n.text.ids, t.text.ids[:, :3])  # top-3 = the first 3 of the top-8
         np.testing.assert_allclose(n.text.tail, 1 - np.exp(t.text.logprobs[:, :3].astype(np.float64)).sum(1),

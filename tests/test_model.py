@@ -27,6 +27,7 @@ def test_presets_share_tokenizer_vision_and_grow(tiny_models):
         assert torch.equal(vs[0][k], vs[1][k]) and torch.equal(vs[0][k], vs[2][k])
 
 
+@pytest.mark.integration
 def test_preset_loads_with_plain_transformers(tiny_models):
     """No project code imported: the saved directory is a stock HF llava checkpoint."""
     code = f"""

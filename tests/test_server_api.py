@@ -34,7 +34,7 @@ def _wait_ready(client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def client(tiny_models):
     cfg = ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), max_request_samples=MAX_SAMPLES,
-                       max_body_bytes=MAX_BODY, max_k=MAX_K)
+                       max_body_mb=MAX_BODY / 2 ** 20, max_k=MAX_K)
     app = create_app(cfg, exit_on_load_failure=False)
     with TestClient(app) as c:
         _wait_ready(c)
@@ -179,6 +179,90 @@ def test_bad_inputs_name_sample_and_problem(client, info, samples):
     _expect(client.post("/v1/targets", content=encode_request(TargetsRequest([], 8))), 422, "no samples")
 
 
+def test_malformed_frames_are_400_with_one_line(client, samples):
+    """2-D or float input_ids, non-byte images, shapes whose product overflows int64 and 100k-deep
+    headers: 400 with a one-line reason (they used to pass, be cast, or end in a 500 traceback)."""
+    import json
+    import struct
+
+    from ckd_common.wire import REQUEST_MAGIC, encode_frame
+
+    s = samples[-1]
+    meta = {"k": 8, "template": None, "samples": [{"key": s.key, "id": s.id, "length": len(s.input_ids),
+                                                   "num_response": len(s.response_positions), "image_bytes": -1}]}
+    ids, resp = np.asarray(s.input_ids, "<i4"), np.asarray(s.response_positions, "<i4")
+    no_image = np.zeros(0, np.uint8)
+    bodies = {
+        "float ids": encode_frame(REQUEST_MAGIC, meta, {"input_ids": ids.astype("<f4") + 0.5,
+                                                        "response_positions": resp, "images": no_image}),
+        "2-D ids": encode_frame(REQUEST_MAGIC, meta, {"input_ids": np.stack([ids, ids], 1),
+                                                      "response_positions": resp, "images": no_image}),
+        "int images": encode_frame(REQUEST_MAGIC, meta, {"input_ids": ids, "response_positions": resp,
+                                                         "images": np.zeros(0, "<i4")}),
+    }
+    for shape in ([2 ** 32, 2 ** 32], [10 ** 30]):
+        h = json.dumps({"meta": meta, "arrays": [{"name": "input_ids", "dtype": "<i4", "shape": shape}]}).encode()
+        bodies[f"shape {shape}"] = struct.pack("<4sII", REQUEST_MAGIC, 1, len(h)) + h
+    deep = b"[" * 100_000 + b"]" * 100_000
+    bodies["deep header"] = struct.pack("<4sII", REQUEST_MAGIC, 1, len(deep)) + deep
+    for what, body in bodies.items():
+        r = client.post("/v1/targets", content=body, headers={"Content-Type": CONTENT_TYPE_REQUEST})
+        _expect(r, 400, "malformed targets request")
+        assert r.json()["error"] == "bad_request" and "\n" not in r.json()["detail"], (what, r.text)
+    assert post(client, [wire(s)]).status_code == 200  # and the server serves on
+
+
+def test_a_failing_sample_fails_alone_not_the_batch_it_joined(client, samples):
+    """Three clients' requests are batched together; the engine fails on one sample of them. Its
+    request gets 500 naming the sample; the other two get their (correct) targets."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = client.app.state.service.engine
+    real = engine.runner.targets
+    plug, poison = "p" * 32, "b" * 32
+    release, calls = threading.Event(), []
+
+    def targets(inputs, k):  # the engine's forward, with a fault injected for one sample
+        keys = [x.key for x in inputs]
+        calls.append(keys)
+        if plug in keys:
+            release.wait(120)  # holds the engine's worker while the three requests queue up
+        if poison in keys:
+            raise RuntimeError("simulated device failure on one sample")
+        return real(inputs, k)
+
+    good = [wire(samples[0]), wire(samples[2])]
+    alone = decode_response(post(client, good, template=None).content).targets
+    engine.runner.targets = targets
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            held = ex.submit(post, client, [wire(samples[-1], key=plug)], template=None)
+            deadline = time.monotonic() + 60
+            while not calls:  # the worker is inside the plug's forward
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            reqs = [ex.submit(post, client, [w], template=None)
+                    for w in (good[0], wire(samples[1], key=poison), good[1])]
+            while engine.queued_samples < 3:  # all three wait for the worker: they will be one batch
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            release.set()
+            r_held, (r0, r_bad, r1) = held.result(), [f.result() for f in reqs]
+    finally:
+        release.set()
+        engine.runner.targets = real
+    assert sorted(calls[1]) == sorted([good[0].key, poison, good[1].key]), calls  # batched together
+    assert r_held.status_code == 200
+    _expect(r_bad, 500, poison, "simulated device failure")
+    for r, want in ((r0, alone[0]), (r1, alone[1])):
+        assert r.status_code == 200, r.text
+        got = decode_response(r.content).targets[0]
+        assert got.key == want.key
+        np.testing.assert_array_equal(got.text.ids, want.text.ids)
+        np.testing.assert_allclose(got.text.logprobs, want.text.logprobs, atol=1e-4)
+
+
 def test_caps_413(client, samples):
     _expect(post(client, [wire(samples[-1])] * (MAX_SAMPLES + 1)), 413, f"{MAX_SAMPLES + 1} samples",
             str(MAX_SAMPLES))
@@ -198,7 +282,98 @@ def test_auth(tiny_models, tmp_path):
             assert "bearer token" in r.json()["detail"]
             assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # the scheme is case-insensitive (RFC 9110 11.1); the token is not
+        for good in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret "):
+            assert c.get("/v1/info", headers={"Authorization": good}).status_code == 200, good
+        for bad in ("bearer S3CRET", "Basic s3cret", "s3cret", "bearer", "Bearers3cret"):
+            assert c.get("/v1/info", headers={"Authorization": bad}).status_code == 401, bad
         assert c.post("/v1/targets", content=b"x").status_code == 401
+
+
+def test_image_pixel_limit_is_configurable_and_in_info(tiny_models, samples):
+    import io
+
+    from PIL import Image
+
+    from ckd_common.data import MAX_IMAGE_PIXELS
+
+    cfg = ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), max_image_pixels=64 * 64)
+    with TestClient(create_app(cfg, exit_on_load_failure=False)) as c:
+        _wait_ready(c)
+        assert c.get("/v1/info").json()["max_image_pixels"] == 64 * 64
+        img = samples[0]
+        small, big = io.BytesIO(), io.BytesIO()
+        Image.new("RGB", (64, 64)).save(small, format="PNG")
+        Image.new("RGB", (65, 64)).save(big, format="PNG")
+        assert post(c, [wire(img, image=small.getvalue())], template=None).status_code == 200
+        _expect(post(c, [wire(img, image=big.getvalue())], template=None), 422, "65x64", str(64 * 64),
+                "max_image_pixels")
+    assert ServerConfig(model_dir=str(tiny_models["tiny-teacher"])).max_image_pixels == MAX_IMAGE_PIXELS
+    with pytest.raises(Exception, match="max_image_pixels"):
+        ServerConfig(model_dir=str(tiny_models["tiny-teacher"]), max_image_pixels=MAX_IMAGE_PIXELS + 1).validate()
+
+
+class _Upload:
+    """A request whose body arrives as ``chunks`` and then, unless ``complete``, never finishes
+    (a stalled client) or ends in a disconnect."""
+
+    headers: dict = {}
+
+    def __init__(self, chunks, end: str) -> None:
+        self.chunks, self.end = chunks, end
+
+    async def stream(self):
+        from starlette.requests import ClientDisconnect
+
+        for c in self.chunks:
+            yield c
+        if self.end == "stall":
+            await asyncio.Event().wait()
+        elif self.end == "disconnect":
+            raise ClientDisconnect()
+
+
+def test_body_reads_are_bounded_by_the_deadline_and_disconnects_are_499(client):
+    from teacher_server.errors import ClientClosed, RequestTimeout
+    from teacher_server.service import TeacherService
+
+    cfg = ServerConfig(model_dir="unused", body_timeout_s=0.2, min_upload_kib_s=1)
+    svc = TeacherService(cfg, engine=GatedEngine(client.app.state.service.desc))
+    assert asyncio.run(svc.read_body(_Upload([b"ab", b"cd"], "complete"))) == b"abcd"
+    with pytest.raises(RequestTimeout, match="did not arrive in time: 3 bytes") as ei:
+        asyncio.run(svc.read_body(_Upload([b"abc"], "stall")))
+    assert ei.value.status == 408 and ei.value.headers["Connection"] == "close"
+    with pytest.raises(ClientClosed) as ei:
+        asyncio.run(svc.read_body(_Upload([b"abc"], "disconnect")))
+    assert ei.value.status == 499
+    assert "teacher_receiving_requests 0.0" in svc.metrics.render().decode()
+    # the deadline: the allowance plus one second per min-rate KiB received
+    assert cfg.body_deadline(100.0, 0) == 100.2 and cfg.body_deadline(100.0, 2048) == pytest.approx(102.2)
+
+
+def test_serve_cli_is_derived_from_server_config_and_keeps_every_flag(tiny_models, tmp_path):
+    from teacher_server.cli import _parser, config_from_args
+
+    p = _parser()
+    flags = {s for a in p._subparsers._group_actions[0].choices["serve"]._actions for s in a.option_strings}
+    for old in ("--model", "--device", "--dtype", "--engine", "--host", "--port", "--port-file", "--config-out",
+                "--token-file", "--max-batch-tokens", "--max-queue-tokens", "--max-inflight-requests",
+                "--max-request-samples", "--max-request-tokens", "--max-body-mb", "--max-k", "--chunk-size",
+                "--graceful-timeout", "--torch-threads", "--log-level"):
+        assert old in flags, old
+    assert "--token" not in flags  # a secret: only ever read from --token-file
+    model = str(tiny_models["tiny-teacher"])
+    cfg = config_from_args(p.parse_args(["serve", "--model", model, "--max-body-mb", "1.5", "--graceful-timeout", "7",
+                                         "--max-connections", "9", "--header-timeout", "2.5", "--body-timeout", "4",
+                                         "--min-upload-rate", "8", "--max-image-pixels", "4096"]))
+    assert cfg == ServerConfig(model_dir=model, max_body_mb=1.5, graceful_timeout_s=7, max_connections=9,
+                               header_timeout_s=2.5, body_timeout_s=4.0, min_upload_kib_s=8.0, max_image_pixels=4096)
+    assert cfg.max_body_bytes == int(1.5 * 2 ** 20)
+    assert config_from_args(p.parse_args(["serve", "--model", model])) == ServerConfig(model_dir=model)
+    from ckd_common.config import to_argv  # a parent process (the cascade) can start a server from a config
+
+    assert config_from_args(p.parse_args(["serve", *to_argv(cfg)])) == cfg
+    assert to_argv(cfg)[:2] == ["--model", model] and "--max-body-mb" in to_argv(cfg)
 
 
 def test_config_validated_at_once_and_saved_without_the_token(tiny_models, tmp_path):

@@ -137,3 +137,128 @@ def test_wait_ready_polls_until_ready_or_stops():
 
     with pytest.raises(RuntimeError, match="exited"):
         TeacherClient(URL, transport=httpx.MockTransport(handler)).wait_ready(60, poll_s=0, check=server_died)
+
+
+# ---------------------------------------------------------------------------------------------
+# transport failures against real sockets: one line naming the server, the request and what to do
+
+
+class _DeadAfterReadyz:
+    """A loopback 'server' that answers one GET /readyz with ready, then dies (its port refuses)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            body = b'{"ready": true, "detail": ""}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        self.sock.close()
+
+
+class _Resetting:
+    """A loopback 'server' that accepts every connection and drops it at once (a crashing server)."""
+
+    def __init__(self) -> None:
+        import socket
+        import struct
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._linger = struct.pack("ii", 1, 0)  # close with RST, not FIN
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, self._linger)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _one_line(e: BaseException, url: str, *needles: str) -> None:
+    msg = str(e)
+    assert "\n" not in msg and url in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+@pytest.mark.integration  # a real socket server
+def test_a_server_that_dies_after_readyz_gives_one_line_errors_not_httpx_tracebacks():
+    srv = _DeadAfterReadyz()
+    with TeacherClient(srv.url, retry=NO_WAIT) as c:
+        c.wait_ready(30, poll_s=0)
+        srv.thread.join(30)
+        with pytest.raises(RetryableError) as ei:
+            c.tokenizer()
+        _one_line(ei.value, srv.url, "GET /v1/tokenizer", "ConnectError", "is the server running")
+        assert ei.value.status is None and ei.value.__cause__ is None
+        with pytest.raises(RetryableError) as ei:
+            c.info()
+        _one_line(ei.value, srv.url, "GET /v1/info")
+        with pytest.raises(ClientError, match="giving up after 3 attempts") as ei:
+            c.targets(_request())
+        _one_line(ei.value, srv.url, "POST /v1/targets", "is the server running")
+        with pytest.raises(NotReady) as ei:
+            c.wait_ready(0, poll_s=0)
+        _one_line(ei.value, srv.url, "is it running")
+
+
+@pytest.mark.integration  # a real socket server
+def test_a_server_that_resets_connections_gives_one_line_errors():
+    srv = _Resetting()
+    try:
+        with TeacherClient(srv.url, retry=NO_WAIT) as c:
+            for call, what in ((c.info, "GET /v1/info"), (c.tokenizer_zip, "GET /v1/tokenizer")):
+                with pytest.raises(RetryableError) as ei:
+                    call()
+                _one_line(ei.value, srv.url, what, "may have died or restarted")
+            with pytest.raises(ClientError, match="giving up after 3 attempts") as ei:
+                c.targets(_request())
+            _one_line(ei.value, srv.url, "POST /v1/targets")
+
+        async def one():
+            client = AsyncTeacherClient(srv.url)
+            try:
+                return await client.targets_frame(b"frame")
+            finally:
+                await client.aclose()
+
+        with pytest.raises(RetryableError) as ei:
+            asyncio.run(one())
+        _one_line(ei.value, srv.url, "POST /v1/targets")
+    finally:
+        srv.close()
+
+
+def test_bad_urls_and_bad_tokenizer_answers_are_client_errors():
+    for bad in ("localhost:8000", "ftp://host/x", "http://", "http://[::1"):
+        with TeacherClient(bad, retry=NO_WAIT) as c:  # construction never fails: the first request says why
+            for call in (c.info, lambda: c.targets(_request()), lambda: c.wait_ready(60, poll_s=0)):
+                with pytest.raises(ClientError, match="use e.g. http://127.0.0.1:8000") as ei:
+                    call()
+                assert not isinstance(ei.value, RetryableError), bad  # final: no retry can fix a URL
+    _, handler = scripted(httpx.Response(200, content=b"not a zip"))
+    with pytest.raises(ClientError, match="not a loadable tokenizer") as ei:
+        TeacherClient(URL, transport=httpx.MockTransport(handler)).tokenizer()
+    _one_line(ei.value, URL, "GET /v1/tokenizer")

@@ -24,14 +24,27 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _guarded_server(model, d: Path, name: str) -> ServerProc:
+    (d / "token").write_text(TOKEN + "\n")
+    return ServerProc(model, d, "--token-file", str(d / "token"),
+                      "--max-batch-tokens", str(BATCH_TOKENS), "--max-inflight-requests", "4",
+                      "--max-queue-tokens", str(2 * BATCH_TOKENS), "--max-request-tokens", "1000000",
+                      "--max-request-samples", "512", name=name).start()
+
+
 @pytest.fixture(scope="module")
 def guarded(tiny_models, tmp_path_factory):
-    d = tmp_path_factory.mktemp("guarded")
-    (d / "token").write_text(TOKEN + "\n")
-    srv = ServerProc(tiny_models["tiny-teacher"], d, "--token-file", str(d / "token"),
-                     "--max-batch-tokens", str(BATCH_TOKENS), "--max-inflight-requests", "4",
-                     "--max-queue-tokens", str(2 * BATCH_TOKENS), "--max-request-tokens", "1000000",
-                     "--max-request-samples", "512", name="guarded").start()
+    srv = _guarded_server(tiny_models["tiny-teacher"], tmp_path_factory.mktemp("guarded"), "guarded")
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+def doomed(tiny_models, tmp_path):
+    """A server of its own for a test that shuts it down (the module's stays up for the others, in any order)."""
+    srv = _guarded_server(tiny_models["tiny-teacher"], tmp_path, "doomed")
     try:
         yield srv
     finally:
@@ -126,8 +139,8 @@ def test_flood_gets_backpressure_not_a_crash(guarded, wire_samples):
     assert 'teacher_requests_total{code="503"}' in metrics
 
 
-def test_graceful_shutdown_finishes_in_flight(guarded, wire_samples):
-    """Runs last in this module: SIGTERM while a many-batch request is being processed."""
+def test_graceful_shutdown_finishes_in_flight(doomed, wire_samples):
+    """SIGTERM while a many-batch request is being processed."""
     import httpx
 
     samples = (wire_samples * 20)[:400]
@@ -136,18 +149,17 @@ def test_graceful_shutdown_finishes_in_flight(guarded, wire_samples):
     result: dict = {}
 
     def send() -> None:
-        result["r"] = httpx.post(f"{guarded.url}/v1/targets", content=body, headers=auth, timeout=300)
+        result["r"] = httpx.post(f"{doomed.url}/v1/targets", content=body, headers=auth, timeout=300)
 
     t = threading.Thread(target=send)
     t.start()
-    deadline = time.monotonic() + 60
-    while True:  # wait until the server is working on it
-        m = httpx.get(f"{guarded.url}/metrics", headers=auth).text
+    while True:  # wait until the server is working on it (no deadline: the request is what ends the wait)
+        m = httpx.get(f"{doomed.url}/metrics", headers=auth).text
         if "teacher_inflight_requests 1.0" in m and "teacher_queue_tokens 0.0" not in m:
             break
-        assert time.monotonic() < deadline
+        assert t.is_alive(), f"the request ended before the server was seen working on it: {result}"
         time.sleep(0.005)
-    rc = guarded.terminate()
+    rc = doomed.terminate()
     t.join(120)
     assert rc == 0
     r = result["r"]

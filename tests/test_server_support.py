@@ -1,5 +1,6 @@
-"""Helpers (no tests) shared by the server and fill tests: real uvicorn server processes and a
-tolerant comparison of targets that went through the cache's float16 encoding."""
+"""Helpers (no tests) shared by the server and fill tests: real uvicorn servers (a process, or the
+production server on a thread), raw HTTP over a socket, and a tolerant comparison of targets that
+went through the cache's float16 encoding."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-READY_TIMEOUT_S = 120  # 2 shared cores: importing torch + transformers alone can take 10 s
+READY_TIMEOUT_S = 300  # 2 shared, busy cores: imports + model load can take minutes (a dead server fails at once)
 
 
 class ServerProc:
@@ -86,6 +87,74 @@ class ServerProc:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+class InProcessServer:
+    """``create_app(cfg, engine)`` served on a thread by the production uvicorn server
+    (``teacher_server.connections.uvicorn_server``: the same protocol, limits and timeouts as
+    ``teacher_server serve``), on a free loopback port. Cheaper than a process when a test needs
+    several servers with different limits; ``ServerProc`` tests the command itself."""
+
+    def __init__(self, cfg, engine=None) -> None:
+        self.cfg, self.engine = cfg, engine
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "InProcessServer":
+        import socket
+        import threading
+
+        from teacher_server.app import create_app
+        from teacher_server.client import TeacherClient
+        from teacher_server.connections import uvicorn_server
+
+        self.app = create_app(self.cfg, self.engine, exit_on_load_failure=False)
+        self.server = uvicorn_server(self.app, self.cfg)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        with TeacherClient(self.url) as client:
+            client.wait_ready(READY_TIMEOUT_S, poll_s=0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    def metric(self, line_start: str) -> float:
+        """The value of the first /metrics line starting with ``line_start`` (0.0 when absent)."""
+        import httpx
+
+        for line in httpx.get(f"{self.url}/metrics", timeout=60).text.splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+def read_http_response(sock, timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from a raw socket: (status, lower-cased headers, body). Raises
+    ConnectionError when the server closes (or resets) the connection before a whole answer."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} bytes of a response: {data[:200]!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a response body")
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
 
 
 def _assert_topk_close(a, b, what: str, atol: float) -> None:

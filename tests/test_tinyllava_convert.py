@@ -39,7 +39,8 @@ def _check_logits(src, out, strategy, dtype, layer=-2):
                      pixel_values=pixels).logits
     ref = reference_logits(src, torch.tensor([ids]), IMAGE_POS, pixels, strategy, dtype, layer)
     assert ours.shape == ref.shape == (1, len(ids) - 1 + nv, 151936)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    # = assert_close(rtol=0, atol=1e-5) (a NaN fails too), without its temporaries of 111M elements
+    assert ours.dtype == ref.dtype and float((ours - ref).abs().max()) <= 1e-5
     return model, tok, info
 
 
@@ -60,6 +61,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # two forwards with [729, 151936] logits and the real tokenizer twice: ~5 s CPU per layout
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_converts_with_identical_logits(case, sources, qwen2_base_tokenizer_dir, tmp_path):
     which, stage, kw = CASES[case]

@@ -114,6 +114,7 @@ def test_schedule_is_deterministic_and_rank_count_independent():
     assert sorted(i for g in one.global_batches[:5] for i in g) == list(range(40))  # an epoch = a permutation
 
 
+@pytest.mark.integration
 def test_dpt_changes_only_the_connector(tiny_models, synth_dir, cache, tmp_path):
     out = tmp_path / "dpt"
     rc = main(_args("distill", "dpt", tiny_models["tiny-student"], synth_dir, out, "pretrain.json",
@@ -130,6 +131,7 @@ def test_dpt_changes_only_the_connector(tiny_models, synth_dir, cache, tmp_path)
     assert summary["steps"] == 3 and "data_wait_fraction" in summary and (out / "loss_curve.png").stat().st_size
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("step", ["sft", "dft"])
 def test_sft_and_dft_change_connector_and_llm_not_vision(step, tiny_models, synth_dir, cache, tmp_path):
     out = tmp_path / step
@@ -143,6 +145,7 @@ def test_sft_and_dft_change_connector_and_llm_not_vision(step, tiny_models, synt
     assert changed == {"vision": False, "connector": True, "llm": True}
 
 
+@pytest.mark.integration
 def test_distillation_from_the_cache_lowers_the_kd_terms(tiny_models, synth_dir, cache, tmp_path):
     # alpha = 0: the random tiny teacher's targets disagree with the data, so CE would pull away
     out = tmp_path / "kd"
@@ -159,6 +162,7 @@ def test_distillation_from_the_cache_lowers_the_kd_terms(tiny_models, synth_dir,
         assert sum(r[term] for r in rec[-3:]) < sum(r[term] for r in rec[:3]), term
 
 
+@pytest.mark.integration
 def test_losses_do_not_depend_on_the_micro_batch_size(tiny_models, synth_dir, cache, tmp_path):
     runs = {}
     for micro in ("1", "4"):
@@ -173,6 +177,7 @@ def test_losses_do_not_depend_on_the_micro_batch_size(tiny_models, synth_dir, ca
             assert a[t] == pytest.approx(b[t], rel=1e-5, abs=1e-6), (a["step"], t)
 
 
+@pytest.mark.integration
 def test_step_all_runs_dpt_sft_dft_in_order(tiny_models, synth_dir, cache, tmp_path):
     out = tmp_path / "all"
     rc = main(["distill", "--step", "all", "--cache", str(cache), "--model", str(tiny_models["tiny-student"]),
@@ -188,6 +193,7 @@ def test_step_all_runs_dpt_sft_dft_in_order(tiny_models, synth_dir, cache, tmp_p
     assert (cfgs["dpt"]["lr"], cfgs["sft"]["lr"], cfgs["sft"]["beta"], cfgs["dft"]["beta"]) == (1e-3, 2e-5, 0.0, 1.0)
 
 
+@pytest.mark.integration
 def test_checkpoint_loads_with_plain_transformers(tiny_models, synth_dir, tmp_path, capsys):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -212,6 +218,7 @@ def test_checkpoint_loads_with_plain_transformers(tiny_models, synth_dir, tmp_pa
     assert rc == 2 and "lr: now 0.0001, checkpoint 0.001" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", [0, 3])
 def test_zero_stages_agree(stage, tiny_models, synth_dir, cache, tmp_path):
     runs = {}
@@ -257,6 +264,7 @@ def _student_dataset(tiny_models, synth_dir, data="instruct.json", template="qwe
     return ds, info
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("field,value", [("tokenizer_hash", "0123456789abcdef"), ("vocab_size", 400),
                                          ("num_visual_tokens", 15), ("template", "pretrain"),
                                          ("image_aspect_ratio", "pad")])  # a pad teacher, a square student
@@ -278,6 +286,7 @@ def test_incompatible_cache_is_refused_naming_the_field(field, value, tiny_model
     assert rc == 2 and "cache refused" in err and field in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_missing_targets_error_or_skip(tiny_models, synth_dir, tmp_path, capsys):
     from cachefill import fill_cache
 

@@ -8,6 +8,9 @@ teacher_targets.py  teacher side: sparse targets and the autocorrelation target
     topk_with_tail(logits, k, vocab_limit)                  -> ids, logprobs, tail
     teacher_targets_from_hidden(hidden, weight, k, ...)     -> ids, logprobs, tail
     normalized_autocorr(hidden, weight | gram)              -> R / ||R||_F  [Nv, Nv] float32
+relation.py         the autocorrelation as a low-rank factor (the stored form): teacher-side
+    factor_autocorr(R) -> int8 factor + captured share; student-side relation_loss(h, G, target)
+    from a dense target or a FactorTarget without the teacher's Nv x Nv matrix
 batch.py            BatchTargets / collate_targets(list[SampleTargets]) -> batched sparse targets
 terms.py            the terms and their shared helpers
     sparse_kl(student_logits, ids, logprobs, tail)          -> per-position (k+1)-bucket KL
@@ -61,12 +64,16 @@ _LAZY = {
     "topk_with_tail": "teacher_targets",
     "IGNORE_INDEX": "terms", "gram_autocorr": "terms", "lm_head_gram": "terms", "rel_loss": "terms",
     "response_mask": "terms", "sparse_kl": "terms",
+    "FactorTarget": "relation", "factor_autocorr": "relation", "rel_loss_factored": "relation",
+    "relation_loss": "relation",
 }
 
 if TYPE_CHECKING:
     from ckd_common.kd.batch import BatchTargets, collate_targets  # noqa: F401
     from ckd_common.kd.fused import fused_kd_loss  # noqa: F401
     from ckd_common.kd.reference import kd_loss_from_logits, llava_kd_loss_dense  # noqa: F401
+    from ckd_common.kd.relation import (  # noqa: F401
+        FactorTarget, factor_autocorr, rel_loss_factored, relation_loss)
     from ckd_common.kd.teacher_targets import (  # noqa: F401
         normalized_autocorr, teacher_targets_from_hidden, topk_with_tail)
     from ckd_common.kd.terms import (  # noqa: F401

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ckd_common.kd.relation import FactorTarget, relation_target
 from ckd_common.kd.terms import IGNORE_INDEX, response_mask
 from ckd_common.targets import SampleTargets, SparseTopK
 
@@ -28,7 +29,8 @@ class BatchTargets:
         t in R_b = {t : labels[b, t+1] != -100}, ascending t (same order as SampleTargets.text).
     vis_ids [Nvis, k], vis_logprobs, vis_tail: rows vis_offsets[b]:vis_offsets[b+1] are sample b's
         visual span v0_b .. v0_b + Nv_b - 1 (zero rows for a text-only sample).
-    autocorr: per sample the teacher's [Nv_b, Nv_b] (Frobenius-normalised) R, or None.
+    autocorr: per sample the teacher's (Frobenius-normalised) R, or None: a FactorTarget (U with
+        R ~ U U^T, as a format-2 cache stores it) or a dense [Nv_b, Nv_b] tensor (relation.py).
     Offsets are Python int tuples of length B+1 (no device sync to read them). Text and visual
     share one k (collate_targets pads the smaller with -inf / id 0), so they can be stacked.
     """
@@ -41,7 +43,7 @@ class BatchTargets:
     vis_logprobs: torch.Tensor
     vis_tail: torch.Tensor
     vis_offsets: tuple[int, ...]
-    autocorr: list[torch.Tensor | None]
+    autocorr: list[torch.Tensor | FactorTarget | None]
 
     @property
     def batch_size(self) -> int:
@@ -104,10 +106,7 @@ def collate_targets(samples: Sequence[SampleTargets], device: torch.device | str
         vis_logprobs=cat(vis, 1, torch.float32),
         vis_tail=cat(vis, 2, torch.float32),
         vis_offsets=offsets(vis),
-        autocorr=[
-            None if s.autocorr is None else torch.as_tensor(np.asarray(s.autocorr, np.float32), device=device)
-            for s in samples
-        ],
+        autocorr=[relation_target(s.autocorr, device) for s in samples],
     )
 
 

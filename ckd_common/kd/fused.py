@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from ckd_common.kd.batch import BatchTargets, build_rows
-from ckd_common.kd.terms import IGNORE_INDEX, compute_dtype, gram_autocorr, rel_loss, sparse_parts, zero_like_graph
+from ckd_common.kd.relation import relation_loss
+from ckd_common.kd.terms import IGNORE_INDEX, compute_dtype, sparse_parts, zero_like_graph
 from ckd_common.kd.weights import KDWeights, check_rel_variant, require_weights
 
 __all__ = ["fused_kd_loss"]
@@ -102,7 +103,7 @@ class _FusedLinearKD(torch.autograd.Function):
                     g_leaf = g.detach().requires_grad_(need_w)
                     hv = h.detach().to(dt).requires_grad_(need_h)
                     rel = torch.stack(
-                        [rel_loss(gram_autocorr(hv[o : o + n], gram=g_leaf), r_t, rel_spec.variant) for o, n, r_t in rel_spec]
+                        [relation_loss(hv[o : o + n], g_leaf, r_t, rel_spec.variant) for o, n, r_t in rel_spec]
                     ).mean()
                     wanted = [x for x in (hv, g_leaf) if x.requires_grad]
                     grads = torch.autograd.grad(delta * rel, wanted) if wanted and delta != 0 else [None, None]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ckd_common.kd.batch import BatchTargets, Rows, build_rows
+from ckd_common.kd.relation import dense_target
 from ckd_common.kd.terms import (IGNORE_INDEX, compute_dtype, mean_over_samples, rel_loss, response_mask, sparse_kl,
                                  zero_like_graph)
 from ckd_common.kd.weights import KDWeights, require_weights
@@ -128,7 +129,7 @@ def _rel_term(
             continue
         if tuple(r_t.shape) != (nv, nv):
             raise ValueError(f"sample {b}: teacher autocorr {tuple(r_t.shape)} != ({nv}, {nv})")
-        terms.append(rel_loss(per_sample_R(b, v0, nv), r_t, variant))
+        terms.append(rel_loss(per_sample_R(b, v0, nv), dense_target(r_t), variant))
     return mean_over_samples(terms, zero)
 
 

@@ -2,11 +2,12 @@
 
 A cache group is reusable for a (data split, template) when it holds every sample's key and was
 filled by this exact teacher (weights fingerprint). Both facts are computed once per run and
-remembered: the prepared data per (data file, template, tokenizer, visual tokens) — every teacher
-of a cascade shares the student's tokenizer, so each split is prepared once, not once per teacher —
-and each teacher's fingerprint per (directory, dtype, size and mtime of every file in it), taken
-from a running server's ``/v1/info`` when one is up, else by loading the weights once. A teacher
-whose files change gets a new key, so a changed teacher is still detected.
+remembered: the prepared data — the cascade prepares each split once, before any fill or training
+step, and hands it in (``prepared``); every teacher of a cascade shares the student's tokenizer, so
+one prepared dataset serves them all (checked) — and each teacher's fingerprint per (directory,
+dtype, size and mtime of every file in it), taken from a running server's ``/v1/info`` when one is
+up, else by loading the weights once. A teacher whose files change gets a new key, so a changed
+teacher is still detected.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def model_files_key(model_dir: str | Path) -> tuple:
 class CacheCheck:
     """Per-run memo of prepared data and teacher fingerprints; thread-safe (fills may overlap)."""
 
-    def __init__(self, data_of, images: str | None):
+    def __init__(self, data_of, images: str | None, prepared=None):
         self._data_of = data_of                  # split -> data file
         self._images = images
+        self._prepared = prepared                # (split, template) -> PreparedData; None: open/build by spec
         self._datasets: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
         self._lock = threading.RLock()
@@ -44,20 +46,26 @@ class CacheCheck:
     # -- prepared data -------------------------------------------------------------------------
 
     def dataset(self, teacher: Teacher, split: str, template: str):
-        from transformers import AutoConfig, AutoTokenizer
+        """The prepared data of ``split`` as ``teacher`` sees it (its tokenizer, visual tokens, image token)."""
+        from ckd_common.model import data_contract
+        from ckd_common.prepared import PrepareSpec, obtain
 
-        from ckd_common.data import prepare_file
-        from ckd_common.model import num_visual_tokens
-        from ckd_common.tokenizer import tokenizer_hash
-
-        tok = AutoTokenizer.from_pretrained(teacher.model, local_files_only=True)
-        mcfg = AutoConfig.from_pretrained(teacher.model, local_files_only=True)
-        data = self._data_of(split)
-        key = (data, template, tokenizer_hash(tok), num_visual_tokens(mcfg), mcfg.image_token_id, self._images)
         with self._lock:
+            key = (teacher.model, split, template)
             if key not in self._datasets:
-                self._datasets[key] = prepare_file(data, tok, template, num_visual_tokens(mcfg), mcfg.image_token_id,
-                                                   self._images, on_error="skip")
+                contract, tok = data_contract(teacher.model)
+                if self._prepared is None:
+                    spec = PrepareSpec.of(self._data_of(split), self._images, template, contract)
+                    self._datasets[key] = obtain(spec, tok, on_error="skip", log=None)
+                else:
+                    ds = self._prepared(split, template)
+                    diffs = [f"{f} {getattr(contract, f)!r} != {getattr(ds.spec, f)!r}"
+                             for f in ("tokenizer_hash", "num_visual_tokens", "image_token_id")
+                             if getattr(contract, f) != getattr(ds.spec, f)]
+                    if diffs:
+                        raise CascadeError(f"teacher {teacher.name} ({teacher.model}) does not match the data prepared "
+                                           f"for the student: " + "; ".join(diffs))
+                    self._datasets[key] = ds
             return self._datasets[key]
 
     # -- teacher fingerprints ------------------------------------------------------------------
@@ -98,7 +106,7 @@ class CacheCheck:
             group = open_group(teacher.cache_root, find_group(teacher.cache_root, ds.fingerprint, ds.template))
         except (GroupNotFoundError, FileNotFoundError):
             return None
-        return group if {s.key for s in ds.samples} <= group.committed_keys() else None
+        return group if set(ds.keys) <= group.committed_keys() else None
 
     def check_teacher(self, teacher: Teacher, group, fingerprint: str | None = None) -> None:
         """CascadeError unless ``group`` was filled by this exact teacher."""

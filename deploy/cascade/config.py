@@ -21,7 +21,7 @@ from student_trainer.config import STEPS, TEACHER_GROUP, TrainConfig
 # TrainConfig fields the cascade sets itself (paths, devices, resumption, quiet output); every other
 # option of the trainer can be overridden per step.
 CASCADE_SETS = ("step", "model", "data", "out", "images", "cache", "teacher_fingerprint", "zero_stage", "resume",
-                "progress", "tensorboard")
+                "progress", "tensorboard", "prepared")
 TRAIN_OPTIONS = tuple(o.name for o in options(TrainConfig) if o.name not in CASCADE_SETS)
 # options of `student_trainer distill` only (the teacher's cache): not for steps without a teacher
 TEACHER_OPTIONS = tuple(o.name for o in options(TrainConfig) if o.group == TEACHER_GROUP)
@@ -124,11 +124,12 @@ class CascadeConfig(CommandConfig):
         return len(self.train_devices) if self.train_devices[0].startswith("cuda") else 1
 
     def train_config(self, step: str, model: str, out: str | Path, cache: str | None = None,
-                     resume: bool = False) -> TrainConfig:
+                     resume: bool = False, prepared: str | None = None) -> TrainConfig:
         """The trainer's config for one step of a stage: what the cascade sets plus the step's overrides."""
         overrides = {k: parse_value(TrainConfig, k, v) for k, v in self.steps.get(step, {}).items()}
         return TrainConfig(step=step, model=Path(model), data=Path(self.data_of(STEPS[step].split)), out=Path(out),
                            images=Path(self.images) if self.images else None,
+                           prepared=Path(prepared) if prepared else None,
                            cache=cache if STEPS[step].uses_teacher else None, zero_stage=self.zero_stage,
                            resume=resume, progress=False, tensorboard=False, **overrides)
 

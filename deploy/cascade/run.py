@@ -1,7 +1,9 @@
-"""Running a cascade: for every stage of the plan, make sure the teacher's cache is complete
-(reuse it, or start the teacher's servers, fill it, stop them), then run the trainer's steps; finally
-evaluate the last stage's student. Later stages' caches do not depend on the student, so with
-disjoint teacher/training devices they are filled while the current stage trains (``overlap``).
+"""Running a cascade: first prepare each data split once (``ckd data prepare``, or reuse the current
+prepared dataset; every fill and trainer step then opens that directory), then for every stage of
+the plan make sure the teacher's cache is complete (reuse it, or start the teacher's servers, fill
+it, stop them), then run the trainer's steps; finally evaluate the last stage's student. Later
+stages' caches do not depend on the student, so with disjoint teacher/training devices they are
+filled while the current stage trains (``overlap``).
 
 Every step leaves a completion marker (the trainer's atomic ``final/``, the cache's committed keys),
 so re-running the command after a crash or Ctrl-C skips what is done and resumes what is not.
@@ -63,9 +65,51 @@ class Cascade:
         self.run = Path(cfg.run_dir)
         self.log = log
         self.children = children or Children()
-        self.caches = CacheCheck(cfg.data_of, cfg.images)
+        self.caches = CacheCheck(cfg.data_of, cfg.images, self.data_for_cache)
         self.timeline: Timeline | None = None
         self._fill_lock = threading.Lock()  # one fill at a time per teacher device set
+        self.prepared: dict[tuple[str, str, int], object] = {}  # (split, template, max_length) -> PreparedData
+
+    # -- data: each split prepared once per run, before any fill or training step ---------------
+
+    def _data_key(self, step: str) -> tuple[str, str, int]:
+        tc = self.cfg.train_config(step, self.cfg.student, self.run / "unused")
+        return STEPS[step].split, STEPS[step].template, tc.max_length
+
+    def prepare_data(self, stages: list[Stage]) -> None:
+        from ckd_common.model import data_contract
+        from ckd_common.prepared import PreparedData, PrepareSpec, default_root, open_current
+
+        root = default_root()
+        contract, _ = data_contract(self.cfg.student)  # every model of the cascade shares it (validated)
+        for split, template, max_length in dict.fromkeys(self._data_key(s) for st in stages for s in st.steps):
+            job = f"prepare:{split}"
+            spec = PrepareSpec.of(self.cfg.data_of(split), self.cfg.images, template, contract, max_length)
+            start = time.time()
+            ds = open_current(spec, root)
+            status = "reused" if ds is not None else "done"
+            if ds is None:
+                cmd = _python() + ["ckd_common", "data", "prepare", "--model", self.cfg.student, "--data",
+                                   self.cfg.data_of(split), "--template", template, "--max-length", str(max_length),
+                                   "--root", str(root), "--on-error", "skip", "--no-progress"]
+                if self.cfg.images:
+                    cmd += ["--images", self.cfg.images]
+                self.log(f"[cascade] {job}: preparing {self.cfg.data_of(split)} ({template})")
+                self.children.run(cmd, self.run / "logs" / f"prepare-{split}-{template}.log", what=f"{job}")
+                ds = PreparedData(root / spec.dirname)
+            left_out = sum(ds.skipped.values())
+            self.log(f"[cascade] {job}: {'prepared' if status == 'done' else 'reusing'} {ds.path} ({len(ds)} samples"
+                     + (f", {left_out} bad records left out: {ds.skipped}" if left_out else "") + ")")
+            self.timeline.record(job, "prepare", ["cpu"], start, status, prepared=str(ds.path), template=template)
+            self.prepared[(split, template, max_length)] = ds
+
+    def data_for_step(self, step: str):
+        return self.prepared[self._data_key(step)]
+
+    def data_for_cache(self, split: str, template: str):
+        """The prepared data a teacher's cache for (split, template) is filled from: that of the step that reads it."""
+        step = next(s for s, spec in STEPS.items() if spec.uses_teacher and (spec.split, spec.template) == (split, template))
+        return self.data_for_step(step)
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -96,9 +140,11 @@ class Cascade:
                     self.caches.check_teacher(teacher, group, fingerprint)
                 urls = [u for _, u in servers]
                 for split, template in todo:
+                    data = self.data_for_cache(split, template)
                     cmd = _python() + ["logit_cache", "fill", "--data", self.cfg.data_of(split), "--template", template,
                                        "--k", str(self.cfg.k), "--encoding", self.cfg.encoding, "--out",
-                                       teacher.cache_root, "--no-progress", *self.cfg.fill_args]
+                                       teacher.cache_root, "--no-progress", "--prepared", str(data.path),
+                                       "--max-length", str(data.spec.max_length), *self.cfg.fill_args]
                     for u in urls:
                         cmd += ["--server", u]
                     if self.cfg.images:
@@ -186,7 +232,8 @@ class Cascade:
                 continue
             resumed = latest_resumable(out) is not None
             uses_teacher = STEPS[step].uses_teacher
-            tc = self.cfg.train_config(step, model, out, stage.teacher.cache_root if uses_teacher else None, resumed)
+            tc = self.cfg.train_config(step, model, out, stage.teacher.cache_root if uses_teacher else None, resumed,
+                                       prepared=str(self.data_for_step(step).path))
             launcher = (["torchrun", "--nproc_per_node", str(n_ranks), "-m"] if n_ranks > 1 else _python())
             cmd = launcher + ["student_trainer", "distill" if uses_teacher else "train", *to_argv(tc)]
             self.log(f"[cascade] {job}: {'resuming' if resumed else 'training'} on {self.cfg.train_devices}"
@@ -231,6 +278,7 @@ class Cascade:
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill")
         pending: dict[str, cf.Future] = {}
         try:
+            self.prepare_data(stages)
             for i, stage in enumerate(stages):
                 if stage.teacher is not None:
                     fut = pending.pop(stage.teacher.name, None)

@@ -2,7 +2,8 @@
 
 Request handlers enqueue samples and await futures; one worker thread forms batches across all
 concurrent requests and runs :class:`ckd_common.teacher.TeacherRunner` (prefill only, top-k +
-tail and the Gram-trick autocorrelation on device, one host transfer per batch).
+tail and the Gram-trick autocorrelation on device, the autocorrelation factorised there too, one host
+transfer per batch).
 
 Batching: the oldest waiting sample anchors the next batch (so nothing starves); among waiting
 samples with the same (k, vocab_limit) it adds the ones closest in length (sorted by length, so
@@ -196,11 +197,18 @@ class HFEngine(Engine):
             for it in batch:
                 _resolve(it, error=err)
             return
-        except Exception as e:  # noqa: BLE001 - reported to every request of the batch
-            log.exception("batch of %d samples failed", len(batch))
-            err = EngineFailure(f"the teacher failed on a batch of {len(batch)} samples: {type(e).__name__}: {e}")
-            for it in batch:
-                _resolve(it, error=err)
+        except Exception as e:  # noqa: BLE001 - reported to the request of the sample that failed
+            if len(batch) > 1:  # the batch mixes requests (clients): retry alone so only the bad sample fails
+                log.warning("a batch of %d samples failed (%s: %s); retrying its samples one by one",
+                            len(batch), type(e).__name__, e)
+                for it in batch:
+                    if not it.future.done():  # its request may have failed (or gone) meanwhile
+                        self._run([it])
+                return
+            log.exception("sample %s failed", batch[0].inp.key)
+            err = EngineFailure(f"the teacher failed on the sample with key {batch[0].inp.key}: "
+                                f"{type(e).__name__}: {e}")
+            _resolve(batch[0], error=err)
             return
         tokens = sum(it.inp.length for it in batch)
         rate = tokens / max(dt, 1e-9)

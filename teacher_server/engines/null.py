@@ -3,8 +3,9 @@
 It reads the model directory's ``config.json`` and tokenizer only (no weights), so ``/v1/info``,
 ``/v1/tokenizer`` and the sample checks are those of that teacher (vocabulary, visual tokens,
 image size), and answers ``/v1/targets`` at once with precomputed targets of the real shapes:
-teacher-like top-k rows (``logit_cache.synthetic``, the distribution the cache benches measure)
-and normalised visual autocorrelations. Use it to size the host side of a fill (request encoding,
+teacher-like top-k rows and visual autocorrelations as the low-rank int8 factors a real teacher
+sends (``logit_cache.synthetic``'s TeacherLikeModel, factored by ``ckd_common.kd.relation``: the
+distribution and ranks the cache benches measure, so the bytes moved and stored are a teacher's). Use it to size the host side of a fill (request encoding,
 HTTP, response decoding, cache writing: ``bench/fill_host.py``) or a deployment's network and
 storage before a GPU teacher is involved::
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd_common.targets import SampleTargets, SparseTopK
+from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK
 from ckd_common.teacher import TeacherInput
 
 from ..errors import NotReady
@@ -36,9 +37,9 @@ from .base import BatchObserver, Engine, EngineDescription
 log = logging.getLogger("teacher_server.null")
 
 POOL_ROWS = 4096          # distinct top-k rows (generating one costs a softmax over the vocabulary)
-POOL_AUTOCORR = 8         # distinct autocorrelation matrices
+POOL_AUTOCORR = 8         # distinct autocorrelation factors
 DEFAULT_K = 64            # the pool generated at load; another k or vocab_limit builds one on first use
-AUTOCORR_RANK = 32        # rank of the synthetic R = H H^T (as bench/cache_io.py: a teacher-like spread)
+AUTOCORR_MAX_D = 512      # hidden width of the synthetic teacher-like states (the real one, up to this: load time)
 
 
 @dataclass
@@ -66,8 +67,9 @@ class NullEngine(Engine):
         self.observer = observer
         self._pools: dict[int, _Pool] = {}      # vocab_limit -> pool at the largest k asked so far
         self._lock = threading.Lock()
-        self._autocorr: dict[int, np.ndarray] = {}  # Nv -> [POOL_AUTOCORR, Nv, Nv]
+        self._autocorr: dict[int, list[AutocorrFactor]] = {}  # Nv -> POOL_AUTOCORR factors
         self._num_visual = 0
+        self._hidden = 0
         self._stopping = False
         self.description: EngineDescription | None = None
 
@@ -84,7 +86,7 @@ class NullEngine(Engine):
         raw = json.loads((d / "config.json").read_text())
         fingerprint = "null-" + hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:27]
         info = info_from_config(config, tok, fingerprint)
-        self._num_visual = info.num_visual_tokens
+        self._num_visual, self._hidden = info.num_visual_tokens, info.hidden_size
         self._pool(info.common_vocab, min(DEFAULT_K, self.cfg.max_k, info.common_vocab))
         self._autocorr_pool(self._num_visual)
         log.warning("engine null: targets are SYNTHETIC (no model forward), for measuring the host side only; "
@@ -104,13 +106,21 @@ class NullEngine(Engine):
                 pool = self._pools[vocab_limit] = _Pool(t.ids.astype(np.int32), t.logprobs, t.tail)
             return pool
 
-    def _autocorr_pool(self, nv: int) -> np.ndarray:
+    def _autocorr_pool(self, nv: int) -> list[AutocorrFactor]:
+        """Factors of teacher-like autocorrelations of Nv visual tokens, as a teacher sends them
+        (``factor_autocorr`` at its default share and rank cap: 10-80 int8 columns at Nv = 728)."""
         with self._lock:
             if nv not in self._autocorr:
-                from logit_cache.synthetic import random_autocorr
+                import torch
+
+                from ckd_common.kd.relation import factor_autocorr, factor_to_numpy
+                from logit_cache.synthetic import TeacherLikeModel
 
                 rng = np.random.default_rng(nv)
-                self._autocorr[nv] = np.stack([random_autocorr(nv, rng, AUTOCORR_RANK) for _ in range(POOL_AUTOCORR)])
+                model = TeacherLikeModel(max(8, min(self._hidden or AUTOCORR_MAX_D, AUTOCORR_MAX_D)), rng)
+                dense = np.stack([model.autocorr(model.hidden(nv, rng)) for _ in range(POOL_AUTOCORR)])
+                codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
+                self._autocorr[nv] = [factor_to_numpy(c, s, r, g) for c, s, r, g in zip(codes, scale, rank, share)]
             return self._autocorr[nv]
 
     @staticmethod
