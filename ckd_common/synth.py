@@ -28,6 +28,10 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 CATEGORIES = ("colour", "shape", "count", "position", "existence")
 IMAGE_SIZE = 112
+EXISTENCE = "pair"
+OBJECT_COUNTS = (1, 2, 3)
+OBJECT_WEIGHTS = (1, 1, 1)
+MARGIN = (6, 12)  # px between a shape and its cell's border (drawn at random in this range)
 PRETRAIN_PROMPTS = (
     "Describe the image briefly.",
     "Render a clear and concise summary of the photo.",
@@ -55,7 +59,7 @@ def _draw(items: list[Item], rng: random.Random) -> Image.Image:
     half = IMAGE_SIZE // 2
     for it in items:
         x0, y0 = (it.cell % 2) * half, (it.cell // 2) * half
-        m = rng.randint(6, 12)
+        m = rng.randint(*MARGIN)
         box = (x0 + m, y0 + m, x0 + half - m, y0 + half - m)
         col = COLOURS[it.colour]
         if it.shape == "square":
@@ -68,7 +72,7 @@ def _draw(items: list[Item], rng: random.Random) -> Image.Image:
 
 
 def _scene(rng: random.Random) -> list[Item]:
-    n = rng.randint(1, 3)
+    n = rng.choices(OBJECT_COUNTS, OBJECT_WEIGHTS)[0]
     cells = rng.sample(range(4), n)
     return [Item(rng.choice(list(COLOURS)), rng.choice(SHAPES), c) for c in sorted(cells)]
 
@@ -94,6 +98,15 @@ def question(items: list[Item], category: str, rng: random.Random) -> tuple[str,
         it = rng.choice(items)
         return f"Where is the {it.colour} {it.shape}?", CELLS[it.cell]
     if category == "existence":
+        if EXISTENCE == "attribute":  # one attribute, as POPE asks about one object: a colour or a shape
+            present_shapes = {it.shape for it in items}
+            by_colour = rng.random() < 0.5 or len(present_shapes) == len(SHAPES)
+            pool, present = (list(COLOURS), {it.colour for it in items}) if by_colour else (list(SHAPES), present_shapes)
+            if rng.random() < 0.5:
+                v, a = rng.choice(sorted(present)), "yes"
+            else:
+                v, a = rng.choice([x for x in pool if x not in present]), "no"
+            return (f"Is there a {v} shape?" if by_colour else f"Is there a {v}?"), a
         if rng.random() < 0.5:
             it = rng.choice(items)
             return f"Is there a {it.colour} {it.shape}?", "yes"
@@ -106,7 +119,7 @@ def question(items: list[Item], category: str, rng: random.Random) -> tuple[str,
 
 
 def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_instruct: int = 400,
-               n_eval: int = 200, text_only_fraction: float = 0.05) -> dict:
+               n_eval: int = 200, text_only_fraction: float = 0.05, rounds: tuple[int, int] = (1, 3)) -> dict:
     """Write pretrain.json, instruct.json, eval.jsonl and images/ under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -138,7 +151,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_inst
             continue
         name, items = new_image("it", i)
         conv = []
-        for r, cat in enumerate(rng.sample(CATEGORIES, rng.randint(1, 3))):
+        for r, cat in enumerate(rng.sample(CATEGORIES, rng.randint(*rounds))):
             q, a = question(items, cat, rng)
             conv.append({"from": "human", "value": ("<image>\n" if r == 0 else "") + q + SHORT_ANSWER})
             conv.append({"from": "gpt", "value": a})

@@ -5,9 +5,9 @@
   python -m ckd_eval score --bench NAME --answers FILE.jsonl --annotations PATH \\
                      [--questions FILE] [--out DIR] [--allow-partial]
 
-``ckd_eval``, ``python -m ckd_eval`` and ``student_trainer eval`` are the same command. The flags map
-to ``ckd_eval.config.EvalConfig``. See ``ckd_eval/README.md`` for every benchmark's layout under
-``--data-root`` and its scoring quirks.
+``ckd_eval``, ``python -m ckd_eval`` and ``student_trainer eval`` are the same command. The flags are
+derived from ``ckd_eval.config.EvalConfig`` (one option per field). See ``ckd_eval/README.md`` for
+every benchmark's layout under ``--data-root`` and its scoring quirks.
 """
 from __future__ import annotations
 
@@ -18,48 +18,26 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ckd_common.config import ConfigError
+from ckd_common.config import ConfigError, add_arguments, from_args
 from ckd_eval.common import PROMPT_VERSION, EvalError, read_answers, read_json, read_questions, write_json
-from ckd_eval.config import ACTIONS, DTYPES, RUN_CONFIG_FILE, EvalConfig
+from ckd_eval.config import ACTIONS, RUN_CONFIG_FILE, EvalConfig
 from ckd_eval.scorers import Benchmark
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The one map of flags to EvalConfig fields (help texts and defaults come from the fields)."""
+    """The command line of ``EvalConfig``: one option per field (ckd_common.config.add_arguments: help
+    texts, defaults, choices and types come from the fields), plus the positional ACTION."""
     p.description = __doc__.split("\n\n")[0]
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n\n", 1)[1]
-    spec = {f.name: f for f in fields(EvalConfig)}
-
-    def opt(flag: str, name: str, **kw) -> None:
-        f = spec[name]
-        kw.setdefault("default", f.default_factory() if callable(f.default_factory) else f.default)
-        p.add_argument(flag, dest=name, help=f.metadata["help"], **kw)
-
-    p.add_argument("action", nargs="?", default=spec["action"].default, choices=ACTIONS,
-                   help=spec["action"].metadata["help"])
-    opt("--bench", "bench")
-    opt("--model", "model")
-    opt("--data-root", "data_root")
-    opt("--out", "out")
-    opt("--template", "template")
-    opt("--batch-size", "batch_size", type=int)
-    opt("--max-new-tokens", "max_new_tokens", type=int)
-    opt("--limit", "limit", type=int)
-    opt("--device", "device")
-    opt("--dtype", "dtype", choices=DTYPES)
-    opt("--annotation", "annotation", action="append", metavar="BENCH=PATH")
-    opt("--overwrite", "overwrite", action="store_true")
-    opt("--allow-partial", "allow_partial", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    opt("--answers", "answers")
-    opt("--annotations", "annotations")
-    opt("--questions", "questions")
+    action = next(f for f in fields(EvalConfig) if f.name == "action")
+    p.add_argument("action", nargs="?", default=action.default, choices=ACTIONS, help=action.metadata["help"])
+    add_arguments(p, EvalConfig)
     return p
 
 
 def config_from_args(a: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(**{f.name: getattr(a, f.name) for f in fields(EvalConfig) if hasattr(a, f.name)})
+    return from_args(EvalConfig, a, action=a.action)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """The evaluation command's one typed config (``ckd_eval`` / ``student_trainer eval``).
 
-Declared once here (``cli.py`` maps each flag to a field), validated with every problem in one
+Declared once here: the command line is derived from the fields (``ckd_common.config.add_arguments``;
+``cli.py`` adds only the positional ACTION), validated with every problem in one
 ``ConfigError`` before any model is loaded, printed at start and saved next to what the command
 writes: ``<out>/eval_config.json`` for a run, ``<out>/<bench>_score_config.json`` for ``score``.
 """
@@ -19,8 +20,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 RUN_CONFIG_FILE = "eval_config.json"
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _help(text: str, **meta) -> dict:
+    """A field's command-line metadata (ckd_common.config.add_arguments): its help text and more."""
+    return {"help": text, **meta}
 
 
 def parse_benches(spec: str | None) -> list[Benchmark]:
@@ -47,8 +49,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 @dataclass
 class EvalConfig(CommandConfig):
+    # the positional ACTION (cli.py adds it); every other field is an option of the same name
     action: str = field(default="run", metadata=_help(
-        "run = generate + score (default); score = score an existing answer file"))
+        "run = generate + score (default); score = score an existing answer file", cli=False))
     bench: str | None = field(default=None, metadata=_help(
         f"comma-separated benchmarks ({','.join(BENCHMARKS)}; 'paper' = the seven of the paper)"))
     model: str | None = field(default=None, metadata=_help("HF llava model directory (run)"))
@@ -64,9 +67,9 @@ class EvalConfig(CommandConfig):
     limit: int | None = field(default=None, metadata=_help(
         "only the first N questions of each benchmark (smoke tests)"))
     device: str = field(default="cpu", metadata=_help("cpu or cuda[:N]"))
-    dtype: str = field(default="float32", metadata=_help("model dtype for generation"))
+    dtype: str = field(default="float32", metadata=_help("model dtype for generation", choices=DTYPES))
     annotation: list[str] = field(default_factory=list, metadata=_help(
-        "override a benchmark's annotations path (run); repeatable"))
+        "override a benchmark's annotations path (run); repeatable", metavar="BENCH=PATH"))
     overwrite: bool = field(default=False, metadata=_help("regenerate answer files instead of resuming"))
     allow_partial: bool = field(default=False, metadata=_help(
         "score incomplete answer files over the answered questions (marked partial)"))

@@ -4,6 +4,8 @@
   ckd data synth|prepare ...                 (ckd_common)
   ckd fill --server URL --data F --out ROOT  fill a logit cache from teacher servers (= logit_cache fill)
   ckd cascade CONFIG.yaml                    a whole cascade: servers, caches, training, eval
+  ckd gap --model S --cache C --data F       a student's capacity gap to a cached teacher (held-out slice)
+  ckd ablate GRID.yaml                       a grid of cascades x seeds from shared caches: table + plot
   ckd demo [--workdir DIR]                   the embedded default, end to end on CPU
   ckd selftest [--device D] [--tiny]         check this machine before a long job (pass/fail table)
 """
@@ -29,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
                                       "servers (= logit_cache fill)", description=fill_doc))
     casc = sub.add_parser("cascade", help="run a cascade (student <- TA <- Teacher) from a YAML config")
     casc.add_argument("config", help="cascade YAML (see deploy/README.md and deploy/examples/)")
+    from student_trainer.gap import __doc__ as gap_doc
+    from student_trainer.gap import add_gap_arguments
+
+    add_gap_arguments(sub.add_parser("gap", help="a student's gap to a cached teacher on the held-out slice",
+                                     description=gap_doc, formatter_class=argparse.RawDescriptionHelpFormatter))
+    abl = sub.add_parser("ablate", help="run a grid of trainer options / strategies x seeds from shared caches")
+    abl.add_argument("config", help="grid YAML: a cascade config + grid/points/seeds (see deploy/README.md)")
     demo = sub.add_parser("demo", help="run the embedded default (tiny models, synthetic data) on CPU")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
@@ -42,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _orchestrate(command: str, run, config: str) -> int:
+    """Run a cascade-like command: 1 on a failed step, 130 on Ctrl-C / SIGTERM (a re-run resumes)."""
+    from deploy.cascade import CascadeError
+
+    try:
+        run(config)
+    except CascadeError as e:
+        print(f"ckd {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ckd {command}: interrupted; finished steps are kept, re-run the command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Ctrl-C stops a ckd command even when it was started with SIGINT ignored, as every background job
     # of a non-interactive shell is (Python then installs no KeyboardInterrupt handler of its own)
@@ -53,18 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     try:
         if args.group == "cascade":
-            from deploy.cascade import CascadeError, run_cascade
+            from deploy.cascade import run_cascade
 
-            try:
-                run_cascade(args.config)
-            except CascadeError as e:
-                print(f"ckd cascade: error: {e}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                print("ckd cascade: interrupted; finished steps are kept, re-run the command to resume",
-                      file=sys.stderr)
-                return 130
-            return 0
+            return _orchestrate("cascade", run_cascade, args.config)
+        if args.group == "ablate":
+            from deploy.ablate import run_ablation
+
+            return _orchestrate("ablate", run_ablation, args.config)
         if args.group == "fill":
             from deploy.fill import run_fill
 
@@ -73,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             from deploy.selftest import main_from_args
 
             return main_from_args(args)
+        if args.group == "gap":
+            from student_trainer.gap import run_gap
+
+            return run_gap(args)
         if args.group == "demo":
             from deploy.demo import run_demo
 

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from ckd_common.config import add_arguments, from_args
-from student_trainer.config import (DISTILL_STEPS, LLAVA_KD_STEPS, OPTION_GROUPS, STEPS, TEACHER_GROUP, TRAIN_STEPS,
-                                    ConfigError, TrainConfig)
+from student_trainer.config import (DISTILL_STEPS, KD_OPTION_DEFAULTS, LLAVA_KD_STEPS, OPTION_GROUPS, STEPS,
+                                    TEACHER_GROUP, TRAIN_STEPS, ConfigError, TrainConfig)
 
 EXIT_USAGE = 2
 
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(problems, "student_trainer distill --step all")
         out = Path(args.out)
         model = args.model
-        sft_args = argparse.Namespace(**{**vars(args), "beta": None, "gamma": None, "delta": None})
+        sft_args = argparse.Namespace(**{**vars(args), "beta": None, "gamma": None, "delta": None,
+                                         **KD_OPTION_DEFAULTS})  # SFT has no teacher
         data_of = {"pretrain": args.pretrain_data, "instruct": args.instruct_data}
         for step in LLAVA_KD_STEPS:
             a, data = (args if STEPS[step].uses_teacher else sft_args), data_of[STEPS[step].split]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckd_common.config import CommandConfig, ConfigError, path_problems
+from ckd_common.holdout import DEFAULT_HOLDOUT
+from ckd_common.kd.objective import DEFAULT_JSD_BETA, DIVERGENCES, KDObjective
 from ckd_common.kd.weights import REL_VARIANTS, KDWeights
 from ckd_common.templates import PRETRAIN, QWEN2_BASE
 
@@ -124,9 +126,22 @@ class TrainConfig(CommandConfig):
     # loss (alpha ce, beta kl_text, gamma kl_vis, delta rel); None -> 1 with a teacher, 0 without
     alpha: float | None = _opt(None, group="loss", help="default 1 (always)")
     beta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
-    gamma: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
-    delta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher)")
+    gamma: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher or with --no-visual-kd)")
+    delta: float | None = _opt(None, group="loss", help="default 1 (0 without a teacher or with --no-visual-kd)")
     rel_variant: str = _opt("flat", group="loss", choices=REL_VARIANTS)
+    # what the KD terms (beta, gamma) measure: ckd_common.kd.objective, docs/design.md §4.7
+    divergence: str = _opt("forward_kl", group="loss", choices=DIVERGENCES,
+                           help="divergence of the KD terms: forward_kl (LLaVA-KD), reverse_kl, jsd (TRL's "
+                                "generalised JSD with --jsd-beta), tv")
+    jsd_beta: float | None = _opt(None, group="loss", help=f"--divergence jsd: TRL's beta in [0, 1]; 0 = forward "
+                                  f"KL, 1 = reverse KL (default {DEFAULT_JSD_BETA})")
+    kd_temperature: float = _opt(1.0, group="loss", help="temperature T of the KD terms (teacher p^(1/T) "
+                                 "renormalised over the k+1 buckets, student logits / T)")
+    kd_t2_scale: bool = _opt(True, group="loss", help="multiply the KD terms by T^2 (Hinton)")
+    kd_top_k: int | None = _opt(None, group="loss", help="use only the top-k' <= k of the cache's entries per "
+                                "position, the rest joins the tail bucket (default: all k)")
+    visual_kd: bool = _opt(True, group="loss", help="the visual terms (kl_vis, rel); --no-visual-kd distils "
+                           "the response positions only and skips the visual rows' lm_head")
     chunk_size: int = _opt(256, group="loss", help="positions per fused lm_head chunk")
     # data
     group_by_length: bool = _opt(True, group="data", help="micro-batches of similar length")
@@ -136,6 +151,8 @@ class TrainConfig(CommandConfig):
     prepared: Path | None = _opt(None, group="data", help="the prepared dataset to use (a directory `ckd data "
                                  "prepare` printed); refused if made for other inputs or stale. Default: opened, or "
                                  "built once, under $CKD_PREPARED_DIR (docs/prepared-data.md)")
+    holdout: float = _opt(DEFAULT_HOLDOUT, group="data", help="fraction of samples never trained on, chosen by "
+                          "sample-key hash, where `ckd gap` measures the student (0 = train on all)")
     # checkpoints and feedback
     save_every: int = _opt(0, group="checkpoints", help="periodic checkpoint every N steps (0: final only)")
     keep_last: int = _opt(2, group="checkpoints")
@@ -154,6 +171,7 @@ class TrainConfig(CommandConfig):
             return self  # validate() reports it
         spec = STEPS[self.step]
         kd = 1.0 if spec.uses_teacher else 0.0
+        vis = kd if self.visual_kd else 0.0
         return dataclasses.replace(
             self,
             model=Path(self.model), data=Path(self.data), out=Path(self.out),
@@ -163,8 +181,10 @@ class TrainConfig(CommandConfig):
             global_batch=spec.global_batch if self.global_batch is None else int(self.global_batch),
             alpha=1.0 if self.alpha is None else float(self.alpha),
             beta=kd if self.beta is None else float(self.beta),
-            gamma=kd if self.gamma is None else float(self.gamma),
-            delta=kd if self.delta is None else float(self.delta),
+            gamma=vis if self.gamma is None else float(self.gamma),
+            delta=vis if self.delta is None else float(self.delta),
+            jsd_beta=(DEFAULT_JSD_BETA if self.divergence == "jsd" else None) if self.jsd_beta is None
+            else float(self.jsd_beta),
             adam_betas=tuple(float(b) for b in self.adam_betas),
         )
 
@@ -172,6 +192,12 @@ class TrainConfig(CommandConfig):
     def weights(self) -> KDWeights:
         """The loss weights of a resolved config (alpha, beta, gamma, delta = ce, kl_text, kl_vis, rel)."""
         return KDWeights(ce=self.alpha, kl_text=self.beta, kl_vis=self.gamma, rel=self.delta)
+
+    @property
+    def objective(self) -> KDObjective:
+        """What the KD terms measure (divergence, temperature, top-k') of a resolved config."""
+        return KDObjective(self.divergence, DEFAULT_JSD_BETA if self.jsd_beta is None else self.jsd_beta,
+                           self.kd_temperature, self.kd_t2_scale, self.kd_top_k)
 
     # -- validation ----------------------------------------------------------------------------
     def problems(self, world_size: int | None = None, cuda: bool | None = None) -> list[str]:
@@ -236,6 +262,7 @@ class TrainConfig(CommandConfig):
                 p.append(f"{name}={v}: step {self.step} has no teacher, only alpha (CE) applies")
         if self.rel_variant not in REL_VARIANTS:
             p.append(f"rel_variant must be one of {REL_VARIANTS}, got {self.rel_variant!r}")
+        p += self._kd_problems(spec)
         if self.chunk_size < 1:
             p.append(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.num_workers < 0:
@@ -246,10 +273,38 @@ class TrainConfig(CommandConfig):
             p.append(f"on_missing must be one of {ON_MISSING}, got {self.on_missing!r}")
         if self.data_on_error not in ("raise", "skip"):
             p.append(f"data_on_error must be 'raise' or 'skip', got {self.data_on_error!r}")
+        if not 0.0 <= self.holdout < 0.5:
+            p.append(f"holdout must be in [0, 0.5) (a small held-out fraction; 0 = train on all), got {self.holdout}")
         if self.save_every < 0:
             p.append(f"save_every must be >= 0 (0 = only the final checkpoint), got {self.save_every}")
         if self.keep_last < 1:
             p.append(f"keep_last must be >= 1, got {self.keep_last}")
+        return p
+
+    def _kd_problems(self, spec: StepSpec) -> list[str]:
+        """The KD objective's options: valid values, and set only where a teacher is read."""
+        p: list[str] = []
+        if self.divergence not in DIVERGENCES:
+            p.append(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.jsd_beta is not None:
+            if not 0.0 <= self.jsd_beta <= 1.0:
+                p.append(f"jsd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
+            if self.divergence != "jsd":
+                p.append(f"jsd_beta={self.jsd_beta} applies to --divergence jsd only (divergence is {self.divergence})")
+        if not (self.kd_temperature > 0 and self.kd_temperature < float("inf")):
+            p.append(f"kd_temperature must be a finite number > 0, got {self.kd_temperature}")
+        if self.kd_top_k is not None and self.kd_top_k < 1:
+            p.append(f"kd_top_k must be >= 1 (or unset: every cached entry), got {self.kd_top_k}")
+        if not self.visual_kd:
+            for name in ("gamma", "delta"):
+                if getattr(self, name):
+                    p.append(f"{name}={getattr(self, name)}: --no-visual-kd switches the visual terms off; "
+                             f"leave --{name} unset")
+        if not spec.uses_teacher:
+            changed = [f"{name}={getattr(self, name)!r}" for name, default in KD_OPTION_DEFAULTS.items()
+                       if getattr(self, name) != default and not (name == "jsd_beta" and self.divergence == "jsd")]
+            if changed:
+                p.append(f"{', '.join(changed)}: step {self.step} has no teacher, the KD options do not apply")
         return p
 
     def validate(self, world_size: int | None = None, cuda: bool | None = None) -> "TrainConfig":
@@ -283,6 +338,11 @@ class TrainConfig(CommandConfig):
                 if k not in self.RESUME_FREE and a[k] != b.get(k)]
 
 
-__all__ = ["STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS", "DISTILL_STEPS",
-           "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS", "LLAVA_KD_STEPS",
-           "GC_AUTO_MIN_LLM_PARAMS"]
+# the KD objective's options (`--step all` resets them for its SFT step, which has no teacher)
+KD_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                      if f.name in ("divergence", "jsd_beta", "kd_temperature", "kd_t2_scale", "kd_top_k", "visual_kd")}
+
+
+__all__ = ["KD_OPTION_DEFAULTS", "STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS",
+           "DISTILL_STEPS", "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS",
+           "LLAVA_KD_STEPS", "GC_AUTO_MIN_LLM_PARAMS"]

@@ -145,15 +145,21 @@ class Schedule:
         return len(self.steps)
 
 
-def build_schedule(lengths: list[int], global_batch: int, micro_batch: int, world: int, seed: int,
-                   epochs: float = 1.0, group_by_length: bool = True, max_steps: int | None = None) -> Schedule:
-    n = len(lengths)
+def num_steps(n: int, global_batch: int, epochs: float = 1.0, max_steps: int | None = None) -> int:
+    """Optimizer steps of a run over ``n`` samples (what :func:`build_schedule` schedules): whole global
+    batches per epoch (the remainder is dropped), times ``epochs``, at most ``max_steps``."""
     per_epoch = n // global_batch
     if per_epoch == 0:
         raise TrainerError(f"{n} samples is fewer than one global batch of {global_batch}; lower --global-batch")
     total = max(1, int(math.floor(per_epoch * epochs)))
-    if max_steps is not None:
-        total = min(total, max_steps)
+    return total if max_steps is None else min(total, max_steps)
+
+
+def build_schedule(lengths: list[int], global_batch: int, micro_batch: int, world: int, seed: int,
+                   epochs: float = 1.0, group_by_length: bool = True, max_steps: int | None = None) -> Schedule:
+    n = len(lengths)
+    per_epoch = n // global_batch
+    total = num_steps(n, global_batch, epochs, max_steps)
     lengths_arr = np.asarray(lengths)
     steps, globals_ = [], []
     epoch = 0

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ckd_common.kd import KDWeights, fused_kd_loss, lm_head_gram
+from ckd_common.holdout import split_positions
+from ckd_common.kd import KDObjective, KDWeights, fused_kd_loss, lm_head_gram
+from ckd_common.prepared import sample_keys, subset
 from student_trainer import checkpoint as ckpt
 from student_trainer.config import CONFIG_FILE, GC_AUTO_MIN_LLM_PARAMS, TrainConfig
 from student_trainer.data import (MicroBatches, TrainerError, build_schedule, expected_cache_meta, join_targets,
@@ -113,10 +115,12 @@ def use_gradient_checkpointing(vlm, setting: bool | None) -> tuple[bool, str]:
 class StudentLoss(torch.nn.Module):
     """The VLM body + the fused chunked loss (the lm_head never materialises [tokens, V] logits)."""
 
-    def __init__(self, vlm, chunk_size: int, rel_variant: str, head_trainable: bool):
+    def __init__(self, vlm, chunk_size: int, rel_variant: str, head_trainable: bool,
+                 objective: KDObjective = KDObjective(), teacher_vocab: int | None = None):
         super().__init__()
         self.vlm = vlm
         self.chunk_size, self.rel_variant, self.head_trainable = chunk_size, rel_variant, head_trainable
+        self.objective, self.teacher_vocab = objective, teacher_vocab
         self._gram = None
 
     def forward(self, input_ids, attention_mask, labels, targets, visual_start, weights: KDWeights, pixel_values=None):
@@ -131,7 +135,8 @@ class StudentLoss(torch.nn.Module):
                 self._gram = lm_head_gram(weight.detach())
             gram = self._gram
         return fused_kd_loss(out.last_hidden_state, weight, labels, targets, visual_start, weights=weights,
-                             chunk_size=self.chunk_size, rel_variant=self.rel_variant, gram=gram)
+                             objective=self.objective, chunk_size=self.chunk_size, rel_variant=self.rel_variant,
+                             gram=gram, teacher_vocab=self.teacher_vocab)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,13 +242,18 @@ def train(cfg: TrainConfig) -> RunResult:
     vlm, tok = load_vlm(cfg.model, dtype=torch.float32, device=device)
     info = model_info(vlm, tok)
     dataset = training_data(cfg, spec.template, info, tok, rank, world)  # prepared once, memory-mapped
-    samples, n_missing, reader = dataset.samples, 0, None
+    train_at, held_at = split_positions(sample_keys(dataset.samples), cfg.holdout)  # `ckd gap` measures on held_out
+    samples, held_out = subset(dataset.samples, train_at), subset(dataset.samples, held_at)
+    n_missing, reader = 0, None
     has_vis = has_rel = False
     if spec.uses_teacher:
         reader = open_cache(cfg.cache, expected_cache_meta(dataset, info, cfg.teacher_fingerprint))
+        if cfg.kd_top_k is not None and cfg.kd_top_k > reader.meta.k:
+            raise TrainerError(f"--kd-top-k {cfg.kd_top_k} exceeds the k={reader.meta.k} the cache {reader.group.url} "
+                               f"was filled with; choose k' <= {reader.meta.k} (or refill at a larger k)")
         samples, n_missing = join_targets(samples, reader, cfg.on_missing)
-        has_vis = "visual" in reader.meta.target_kinds
-        has_rel = "autocorr" in reader.meta.target_kinds
+        has_vis = "visual" in reader.meta.target_kinds and cfg.visual_kd
+        has_rel = "autocorr" in reader.meta.target_kinds and cfg.visual_kd
         if n_missing and is0:
             print(f"student_trainer: --on-missing skip: {n_missing} of {len(dataset)} samples have no cached "
                   f"targets and are left out")
@@ -264,7 +274,8 @@ def train(cfg: TrainConfig) -> RunResult:
     grad_ckpt, grad_ckpt_why = use_gradient_checkpointing(vlm, cfg.gradient_checkpointing)
     vlm.train()  # from_pretrained returns eval(): checkpointing (and any dropout) only acts in training mode
     vlm.model.vision_tower.eval()  # frozen; no dropout either way
-    module = StudentLoss(vlm, cfg.chunk_size, cfg.rel_variant, head_trainable="llm" in spec.trainable)
+    module = StudentLoss(vlm, cfg.chunk_size, cfg.rel_variant, head_trainable="llm" in spec.trainable,
+                         objective=cfg.objective, teacher_vocab=reader.meta.vocab_size if reader else None)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
@@ -301,8 +312,10 @@ def train(cfg: TrainConfig) -> RunResult:
               f"{cfg.global_batch}; {len(samples)} samples -> {total_steps} steps "
               f"({schedule.dropped_per_epoch} per epoch left out of the last partial batch); warm-up {warmup}\n"
               f"  parts: {trainable} (a tied lm_head counted once); gradient checkpointing "
-              f"{'on' if grad_ckpt else 'off'} ({grad_ckpt_why})"
-              + (f"\n  cache: {reader.group.url} (k={reader.meta.k}, {len(reader)} samples)" if reader else "")
+              f"{'on' if grad_ckpt else 'off'} ({grad_ckpt_why}); {len(held_out)} samples held out "
+              f"(--holdout {cfg.holdout:g})"
+              + (f"\n  cache: {reader.group.url} (k={reader.meta.k}, {len(reader)} samples); KD terms: "
+                 f"{cfg.objective.describe()}{'' if cfg.visual_kd else ', text only'}" if reader else "")
               + (f"\n  resuming from {resume_from} at step {start_step}" if resume_from else ""))
 
     terms = ("total", "ce", "kl_text", "kl_vis", "rel") if spec.uses_teacher else ("total", "ce")
@@ -342,7 +355,8 @@ def train(cfg: TrainConfig) -> RunResult:
                 kw = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
                 if "pixel_values" in batch:
                     kw["pixel_values"] = batch["pixel_values"].to(device)
-                res = engine(targets=batch["targets"].to(device), visual_start=batch["visual_start"],
+                targets = batch["targets"] if cfg.visual_kd else batch["targets"].text_only()
+                res = engine(targets=targets.to(device), visual_start=batch["visual_start"],
                              weights=micro_weights, **kw)
                 engine.backward(res["total"])
                 engine.step()
@@ -380,7 +394,7 @@ def train(cfg: TrainConfig) -> RunResult:
         records = read_metrics(out)
         summary = summarize(records, terms, {
             "step_name": spec.name, "model": str(cfg.model), "data": str(cfg.data), "cache": cfg.cache,
-            "samples": len(samples), "skipped_missing_targets": n_missing, "skipped_bad_records": dataset.skipped,
+            "samples": len(samples), "held_out": len(held_out), "skipped_missing_targets": n_missing, "skipped_bad_records": dataset.skipped,
             "world_size": world, "global_batch": cfg.global_batch, "total_steps": total_steps,
             "wall_s_this_process": time.perf_counter() - t_run, "data_wait_fraction": wait_fraction,
             "final": str(out / ckpt.FINAL)})

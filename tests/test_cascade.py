@@ -156,7 +156,7 @@ def test_plans_for_each_strategy(env):
     assert td[0].cache_needs == (("pretrain", "pretrain"), ("instruct", "qwen2_base"))  # DPT's and DFT's data
     chains = {s: teacher_chain(CascadeConfig.from_yaml(_config(env, "p", s))) for s in STRATEGIES}
     assert chains == {"none": "-", "single": "teacher -> student", "bottom-up": "ta -> student ; teacher -> student",
-                      "top-down": "teacher -> ta -> student"}
+                      "top-down": "teacher -> ta -> student", "repeat": "teacher -> student ; teacher -> student"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,17 @@ class BatchTargets:
     def vis_counts(self) -> list[int]:
         return [b - a for a, b in zip(self.vis_offsets[:-1], self.vis_offsets[1:])]
 
+    def text_only(self) -> "BatchTargets":
+        """These targets without the visual ones (the trainer's --no-visual-kd): no visual rows, so the
+        loss neither computes the visual span's logits nor its autocorrelation."""
+        k = self.k
+        empty = torch.zeros(0, dtype=self.vis_tail.dtype, device=self.vis_tail.device)
+        return BatchTargets(
+            self.text_ids, self.text_logprobs, self.text_tail, self.text_offsets,
+            self.vis_ids.new_zeros((0, k)), self.vis_logprobs.new_zeros((0, k)), empty,
+            (0,) * len(self.vis_offsets), [None] * len(self.autocorr),
+        )
+
     def to(self, device: torch.device | str) -> "BatchTargets":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return BatchTargets(

@@ -1,9 +1,10 @@
 """The loss training uses: fused_kd_loss, the lm_head matmul fused with the loss, chunked over
 positions, so no [positions, V] logits tensor ever exists.
 
-It computes CE + sparse KL (text and visual) + the relation loss from the final hidden states and
-the lm_head weight, with the gradient of the weighted total formed during the forward (closed
-form per chunk). Its test oracle is reference.kd_loss_from_logits (values and gradients).
+It computes CE + the sparse KD divergence (text and visual; KDObjective: forward KL by default) +
+the relation loss from the final hidden states and the lm_head weight, with the gradient of the
+weighted total formed during the forward (closed form per chunk). Its test oracle is
+reference.kd_loss_from_logits (values and gradients).
 Conventions: ckd_common/kd/__init__.py.
 """
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Sequence
 import torch
 
 from ckd_common.kd.batch import BatchTargets, build_rows
+from ckd_common.kd.divergences import (TeacherBuckets, bucket_divergence, bucket_divergence_grad, bucket_logprobs,
+                                       student_buckets, teacher_buckets)
+from ckd_common.kd.objective import KDObjective
 from ckd_common.kd.relation import relation_loss
-from ckd_common.kd.terms import IGNORE_INDEX, compute_dtype, sparse_parts, zero_like_graph
+from ckd_common.kd.terms import IGNORE_INDEX, compute_dtype, zero_like_graph
 from ckd_common.kd.weights import KDWeights, check_rel_variant, require_weights
 
 __all__ = ["fused_kd_loss"]
@@ -31,11 +35,14 @@ class _FusedLinearKD(torch.autograd.Function):
     beyond the inputs: two [chunk, V] buffers + dW [V, d] + dH [M, d], never [M, V], and dW is
     handed to autograd as the gradient itself (no second W-sized copy).
 
-    d/dz_j of the per-row terms (q = softmax(z), K = valid top-k ids, s = softmax of z outside K):
+    d/dz_j of the per-row terms (q = softmax(z), K = valid top-k ids; for the KD term z' = z / T,
+    q' = softmax(z'), s'_j = q'_j / Q'_tail the softmax of z' outside K, g_b = dD/d log Q'_b the
+    divergence's closed-form bucket gradient, divergences.bucket_divergence_grad):
         ce:  q_j - [j = y]
-        kl:  q_j (P_K + tau) - p_j [j in K] - tau s_j [j not in K],   P_K = sum_{i in K} p_i
-    (the last term is d/dz of -tau log Q_tail; s_j = q_j / Q_tail, computed stably; rows without
-    a tail bucket have tau = 0, so their placeholder zm row contributes nothing.)
+        kd:  (scale / T) (g_j [j in K] + g_tail s'_j [j not in K] - q'_j sum_b g_b)
+    (forward KL: g = -p, which gives q_j (P_K + tau) - p_j [j in K] - tau s_j [j not in K]; rows
+    without a tail bucket have g_tail = 0, so their placeholder zm row contributes nothing.)
+    At T = 1 q' = q and the kernel holds two [chunk, V] buffers; at T != 1 one more (z').
 
     rel part: the visual rows of h_rows are the visual spans, so R_S = H_v G H_v^T with
     G = W^T W is computed here too; its gradient w.r.t. (H_v, G) comes from a small local autograd
@@ -43,9 +50,10 @@ class _FusedLinearKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, gram, label, ids, logprobs, tail, w_text, w_vis, weights, chunk_size, rel_spec, reusable,
-                grad_mode):
+    def forward(ctx, h, weight, gram, label, teacher: TeacherBuckets, objective: KDObjective, w_text, w_vis, weights,
+                chunk_size, rel_spec, reusable, grad_mode):
         alpha, beta, gamma, delta = weights.ce, weights.kl_text, weights.kl_vis, weights.rel
+        temp, scale, kind = objective.temperature, objective.scale, objective.kind
         device_type = h.device.type
         if torch.is_autocast_enabled(device_type):
             mm_dtype = torch.get_autocast_dtype(device_type)  # what the model's lm_head would use
@@ -69,22 +77,34 @@ class _FusedLinearKD(torch.autograd.Function):
                 has_y = lab != IGNORE_INDEX
                 y = lab.clamp_min(0)
                 ce = torch.where(has_y, lse - z.gather(-1, y[:, None]).squeeze(-1), torch.zeros_like(lse))
-                kl, p, tau, lse_tail, zm = sparse_parts(z, lse, ids[s:e], logprobs[s:e], tail[s:e])
+                tb = teacher.rows(s, e)
+                zt, lse_t = (z, lse) if temp == 1.0 else (z / temp, None)
+                if lse_t is None:
+                    lse_t = torch.logsumexp(zt, dim=-1)
+                sb = student_buckets(zt, lse_t, tb.ids, tb.valid)
+                lp_b, lq_b = bucket_logprobs(tb, sb)
+                kd = bucket_divergence(lp_b, lq_b, kind, objective.beta) * scale
                 wt, wv = w_text[s:e], w_vis[s:e]
-                sums += torch.stack([(wt * ce).sum(), (wt * kl).sum(), (wv * kl).sum()])
+                sums += torch.stack([(wt * ce).sum(), (wt * kd).sum(), (wv * kd).sum()])
                 if not need_grad:
                     continue
                 c_ce = alpha * wt * has_y.to(dt)
-                c_kl = beta * wt + gamma * wv
-                p_k = p.sum(-1)
-                # dZ built in place in the logits buffer: q * (c_ce + c_kl (P_K + tau)) ...
-                zm.sub_(lse_tail[:, None]).exp_().mul_((c_kl * tau)[:, None])  # tau s_j, 0 in K
-                dz = z.sub_(lse[:, None]).exp_()
-                dz.mul_((c_ce + c_kl * (p_k + tau))[:, None])
-                dz.scatter_add_(-1, ids[s:e], -(c_kl[:, None] * p))  # - p_j on K (padding p = 0)
+                c_kd = (beta * wt + gamma * wv) * (scale / temp)
+                g = bucket_divergence_grad(lp_b, lq_b, kind, objective.beta) * c_kd[:, None]  # [C, k+1]
+                g_sum = g.sum(-1)
+                zm = sb.zm
+                # dZ built in place in the logits buffers
+                zm.sub_(sb.lse_tail[:, None]).exp_().mul_(g[:, -1:])  # g_tail s'_j outside K (0 on K)
+                dz = z.sub_(lse[:, None]).exp_()  # q
+                if zt is z:  # T = 1: q' = q
+                    dz.mul_((c_ce - g_sum)[:, None])
+                else:
+                    dz.mul_(c_ce[:, None]).sub_(zt.sub_(lse_t[:, None]).exp_().mul_(g_sum[:, None]))
+                del zt
+                dz.scatter_add_(-1, tb.ids, g[:, :-1])  # g_j on K (padding g = 0)
                 dz.scatter_add_(-1, y[:, None], -c_ce[:, None])  # - [j = y] (c_ce = 0 if no label)
-                dz.sub_(zm)
-                del zm
+                dz.add_(zm)
+                del zm, sb
                 dz_mm = dz.to(mm_dtype)
                 if grad_h is not None:
                     grad_h[s:e] = (dz_mm @ w_mm).to(dt)
@@ -136,7 +156,7 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.grads = None  # drop our reference so autograd can use dW as W.grad without a copy
             gh = None if grad_h is None else grad_h.mul_(grad_total).to(ctx.dtypes[0])
             gw = None if grad_w is None else grad_w.mul_(grad_total).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _RelSpec(list):
@@ -155,10 +175,12 @@ def fused_kd_loss(
     visual_start: Sequence[int] | torch.Tensor | None = None,
     *,
     weights: KDWeights = KDWeights(),
+    objective: KDObjective = KDObjective(),
     chunk_size: int = 128,
     rel_variant: str = "flat",
     visual_len: Sequence[int] | torch.Tensor | None = None,
     gram: torch.Tensor | None = None,
+    teacher_vocab: int | None = None,
     reusable_backward: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Student-side LLaVA-KD loss from final hidden states, lm_head fused, chunked over positions.
@@ -170,6 +192,10 @@ def fused_kd_loss(
     visual_start [B] (ignored for text-only samples); visual_len optional [B] cross-check.
     gram: optional precomputed lm_head_gram(W) (e.g. cached while W is frozen); otherwise G = W^T W
     is built once per call, only when some sample needs rel. The rel gradient still reaches W.
+    objective: the divergence of kl_text / kl_vis, its temperature and top-k' (KDObjective; the
+    default is forward KL at T = 1 on every stored entry); teacher_vocab: the vocabulary the targets
+    were taken over (the cache's common vocabulary; default V), which only sizes the tail estimate
+    at T != 1 (divergences.tempered_tail_log).
 
     Returns {total, ce, kl_text, kl_vis, rel} with the per-sample averaging of
     llava_kd_loss_dense; rel averages over samples with an image and a teacher autocorr.
@@ -182,6 +208,8 @@ def fused_kd_loss(
     accumulation and the autocorrelation are float32.
     """
     weights = require_weights(weights)
+    if not isinstance(objective, KDObjective):
+        raise TypeError(f"objective must be a KDObjective, got {type(objective).__name__}")
     check_rel_variant(rel_variant)
     if hidden.ndim != 3 or hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be [B, L, d] matching labels {tuple(labels.shape)}")
@@ -206,8 +234,9 @@ def fused_kd_loss(
         zero = zero_like_graph(hidden, dt) + zero_like_graph(lm_head_weight, dt)
         return {"total": zero, "ce": zero.detach(), "kl_text": zero.detach(), "kl_vis": zero.detach(), "rel": zero.detach()}
     h_rows = hidden[rows.b, rows.t]  # [M, d]; the index backward scatters dH into hidden
+    teacher = teacher_buckets(rows.ids, rows.logprobs, rows.tail, objective, vocab, teacher_vocab)
     total, ce, klt, klv, rel = _FusedLinearKD.apply(
-        h_rows, lm_head_weight, gram, rows.label, rows.ids, rows.logprobs, rows.tail,
+        h_rows, lm_head_weight, gram, rows.label, teacher, objective,
         rows.w_text, rows.w_vis, weights, int(chunk_size), _RelSpec(rel_items, rel_variant), bool(reusable_backward),
         torch.is_grad_enabled(),
     )

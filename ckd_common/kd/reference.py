@@ -9,6 +9,11 @@ llava_kd_loss_dense
 kd_loss_from_logits
     The loss training uses (sparse cached targets, per-sample batch reduction) from materialised
     student logits with plain autograd: fused_kd_loss must equal it, values and gradients.
+dense_divergence
+    A divergence of two full distributions written the way TRL's GKD trainer writes it
+    (F.kl_div with log targets, the JSD mixture by logsumexp, beta = 0 / 1 as KL branches): the
+    oracle the (k+1)-bucket divergences are checked against, on the full vocabulary (k = V) and on
+    explicitly bucketed distributions (k < V).
 """
 from __future__ import annotations
 
@@ -18,12 +23,39 @@ import torch
 import torch.nn.functional as F
 
 from ckd_common.kd.batch import BatchTargets, Rows, build_rows
+from ckd_common.kd.divergences import divergence_of_rows, teacher_buckets
+from ckd_common.kd.objective import KDObjective, check_divergence
 from ckd_common.kd.relation import dense_target
-from ckd_common.kd.terms import (IGNORE_INDEX, compute_dtype, mean_over_samples, rel_loss, response_mask, sparse_kl,
-                                 zero_like_graph)
+from ckd_common.kd.terms import IGNORE_INDEX, compute_dtype, mean_over_samples, rel_loss, response_mask, zero_like_graph
 from ckd_common.kd.weights import KDWeights, require_weights
 
-__all__ = ["kd_loss_from_logits", "llava_kd_loss_dense"]
+__all__ = ["dense_divergence", "kd_loss_from_logits", "llava_kd_loss_dense"]
+
+
+def dense_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl",
+                     beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs log_p and student log-probs log_q, [N, V] -> [N].
+
+    TRL's generalized_jsd_loss per row: beta = 0 KL(p || q), beta = 1 KL(q || p), otherwise
+    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q. "forward_kl",
+    "reverse_kl" and "tv" are the plain definitions. Inputs must have no zero-probability entry
+    (F.kl_div would give 0 * -inf); temperature is the caller's (divide the logits first)."""
+    check_divergence(divergence)
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    if divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    if divergence == "reverse_kl":
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    if divergence == "tv":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    b = torch.tensor(beta, dtype=log_q.dtype)
+    log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(-b), log_p + torch.log(b)]), dim=0)
+    kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+    kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+    return b * kl_p + (1 - b) * kl_q
 
 
 def _align_teacher_vocab(teacher_logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -140,13 +172,17 @@ def kd_loss_from_logits(
     visual_start: Sequence[int] | torch.Tensor | None = None,
     *,
     weights: KDWeights = KDWeights(),
+    objective: KDObjective = KDObjective(),
     rel_variant: str = "flat",
     visual_len: Sequence[int] | torch.Tensor | None = None,
+    teacher_vocab: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The same loss as fused_kd_loss but from materialised logits [B, L, V], plain autograd.
 
-    KL terms use sparse_kl against the cached targets; rel uses the naive Z Z^T of the logits.
-    With k = V (tail 0) this equals llava_kd_loss_dense; the fused path must equal this."""
+    KD terms use the objective's sparse divergence (divergences.divergence_of_rows) against the
+    cached targets, times objective.scale; rel uses the naive Z Z^T of the logits.
+    With k = V (tail 0) and the default objective this equals llava_kd_loss_dense; the fused path
+    must equal this."""
     weights = require_weights(weights)
     dt = compute_dtype(student_logits.dtype)
     z = student_logits.to(dt)
@@ -156,7 +192,8 @@ def kd_loss_from_logits(
     valid_label = rows.label != IGNORE_INDEX
     ce_r = F.cross_entropy(zr, rows.label.clamp_min(0), reduction="none")
     ce_r = torch.where(valid_label, ce_r, torch.zeros_like(ce_r))
-    kl_r = sparse_kl(zr, rows.ids, rows.logprobs, rows.tail)
+    teacher = teacher_buckets(rows.ids, rows.logprobs, rows.tail, objective, z.shape[-1], teacher_vocab)
+    kl_r = divergence_of_rows(zr, teacher, objective) * objective.scale
     out = {
         "ce": (rows.w_text * ce_r).sum(),
         "kl_text": (rows.w_text * kl_r).sum(),

@@ -1,6 +1,6 @@
-"""The loss terms on one sample's positions: sparse KL, relation loss, the Gram-trick
-autocorrelation, and the small helpers every other module of ckd_common.kd shares (arithmetic
-dtype, empty-term zeros, the response mask).
+"""The loss terms on one sample's positions: relation loss, the Gram-trick autocorrelation, and the
+small helpers every other module of ckd_common.kd shares (arithmetic dtype, empty-term zeros, the
+response mask). The sparse divergences (KL and the others) live in divergences.py.
 
 Conventions (KL direction, positions, dtype, vocabulary, padding): ckd_common/kd/__init__.py.
 """
@@ -20,8 +20,6 @@ __all__ = [
     "rel_loss",
     "response_mask",
     "safe_unit",
-    "sparse_kl",
-    "sparse_parts",
     "zero_like_graph",
 ]
 
@@ -148,70 +146,3 @@ def gram_autocorr(
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         h = hidden.to(dt)
         return (h @ gram.to(dt)) @ h.T
-
-
-# --------------------------------------------------------------------------------------------
-# sparse KL of the (k+1)-bucket coarsening
-# --------------------------------------------------------------------------------------------
-def _topk_mask_logits(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Copy of z [N, V] with the valid top-k ids set to -inf (the tail bucket's logits).
-
-    scatter_reduce(amin) instead of scatter: padding entries share id 0 with a possibly real
-    id 0, and a plain scatter with duplicate indices has an unspecified winner."""
-    src = torch.where(valid, torch.full_like(z[:, :1], float("-inf")).expand_as(ids), z.gather(-1, ids))
-    return z.clone().scatter_reduce_(-1, ids, src, reduce="amin", include_self=True)
-
-
-def sparse_parts(
-    z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor
-):
-    """Shared by sparse_kl (autograd) and the fused kernel (manual gradient).
-
-    Returns (kl [N], p [N, k] teacher probs with padding 0, tau_eff [N], lse_tail_safe [N], zm).
-    tau_eff is the tail mass, forced to 0 where the top-k covers the whole vocabulary (there is no
-    tail bucket on the student side; a float-rounding tail must not meet log(0))."""
-    valid = torch.isfinite(logprobs)
-    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
-    p = torch.where(valid, lp.exp(), torch.zeros_like(lp))
-    log_q_k = z.gather(-1, ids) - lse.unsqueeze(-1)
-    kl_k = torch.where(p > 0, p * (lp - log_q_k), torch.zeros_like(p)).sum(-1)
-
-    zm = _topk_mask_logits(z, ids, valid)
-    # A row whose top-k covers the whole vocabulary has no tail bucket: its masked logits are all
-    # -inf and logsumexp's backward would be exp(-inf - -inf) = NaN even behind a `where`, so such
-    # rows are replaced by zeros before the logsumexp (their tail term is forced to 0 below).
-    has_tail = (zm > float("-inf")).any(-1)
-    if zm.requires_grad:
-        zm = torch.where(has_tail[:, None], zm, torch.zeros_like(zm[:, :1]))
-    else:  # fused kernel (no autograd): in place, to keep one [chunk, V] buffer fewer alive
-        zm.masked_fill_(~has_tail[:, None], 0.0)
-    lse_tail_safe = torch.logsumexp(zm, dim=-1)
-    tau = torch.where(has_tail, tail.clamp(0.0, 1.0), torch.zeros_like(tail))
-    tau_log = torch.where(tau > 0, tau, torch.ones_like(tau)).log()
-    # tau (log tau - log Q_tail), log Q_tail = lse(z outside K) - lse(z): exact even when the
-    # student's tail mass underflows (1 - sum q_K would be 0 there and give log 0).
-    kl_tail = torch.where(tau > 0, tau * (tau_log - (lse_tail_safe - lse)), torch.zeros_like(tau))
-    return kl_k + kl_tail, p, tau, lse_tail_safe, zm
-
-
-def sparse_kl(
-    student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor
-) -> torch.Tensor:
-    """Per-position KL of the (k+1)-bucket coarsening (docs/design.md §4), differentiable by autograd.
-
-    student_logits [N, V] (q = softmax over the student's FULL vocabulary), ids [N, k] (< V),
-    logprobs [N, k] (-inf = padding), tail [N]. Returns [N]:
-        sum_{i in K} p_i (log p_i - log q_i) + tau (log tau - log(1 - sum_{i in K} q_i)).
-    Equals the full KL when the top-k covers the teacher's support (tau = 0) and is <= it
-    otherwise (coarse-graining never increases a KL divergence).
-    """
-    if student_logits.ndim != 2 or ids.shape[0] != student_logits.shape[0]:
-        raise ValueError("sparse_kl: student_logits [N, V] and ids [N, k] must share N")
-    dt = compute_dtype(student_logits.dtype)
-    z = student_logits.to(dt)
-    ids = ids.to(z.device).long()
-    if ids.numel() and int(ids.max()) >= z.shape[-1]:
-        raise ValueError(f"sparse_kl: target id {int(ids.max())} >= student vocab {z.shape[-1]}")
-    lse = torch.logsumexp(z, dim=-1)
-    kl, *_ = sparse_parts(z, lse, ids, logprobs.to(z.device, dt), tail.to(z.device, dt))
-    return kl

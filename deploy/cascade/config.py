@@ -135,7 +135,9 @@ class CascadeConfig(CommandConfig):
 
     # -- validation ----------------------------------------------------------------------------
 
-    def problems(self) -> list[str]:
+    def problems(self, models: bool = True) -> list[str]:
+        """Every problem of the config; ``models=False`` skips the model-compatibility check (it loads
+        each tokenizer: a caller validating many configs of the same models does it once)."""
         out = []
         strategy = STRATEGIES.get(self.strategy)
         if strategy is None:
@@ -169,7 +171,7 @@ class CascadeConfig(CommandConfig):
         out += self._override_problems()
         if not out:
             out += self._trainer_problems()
-        if not out:
+        if not out and models:
             out += self._model_compat_problems()
         return out
 

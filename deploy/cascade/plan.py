@@ -9,7 +9,7 @@ TinyLLaVA recipe (PT -> FT) for the baseline.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -55,9 +55,11 @@ class Stage:
     teacher: Teacher | None
     out: str
     steps: tuple[str, ...]
+    # where each step writes, when not ``out/<step>`` (``ckd ablate`` shares identical steps between points)
+    step_dirs: tuple[tuple[str, str], ...] = ()
 
     def step_out(self, step: str) -> Path:
-        return Path(self.out) / step
+        return Path(dict(self.step_dirs).get(step) or Path(self.out) / step)
 
     @property
     def final(self) -> str:
@@ -82,6 +84,7 @@ class Strategy:
     min_teachers: int
     uses: Callable[[Sequence], Sequence]          # the configured teachers (smallest first) it uses
     stages: Callable[[PlanInput, dict[str, Teacher], Path], list[Stage]]
+    control: bool = False                         # a control for another strategy (not a method of the paper)
 
     def teachers_used(self, teachers: Sequence[T]) -> list[T]:
         return list(self.uses(teachers))
@@ -101,6 +104,17 @@ def _bottom_up(cfg, teachers, run):
     for i, spec in enumerate(cfg.teachers, 1):
         sid = f"s{i}-{spec.name}"
         stages.append(Stage(sid, STUDENT, model, teachers[spec.name], str(run / "stages" / sid), LLAVA_KD_STEPS))
+        model = stages[-1].final
+    return stages
+
+
+def _repeat(cfg, teachers, run):
+    """The compute control of bottom-up: as many stages (at least two), every one from the Teacher."""
+    t = teachers[cfg.teachers[-1].name]
+    stages, model = [], cfg.student
+    for i in range(1, max(2, len(cfg.teachers)) + 1):
+        sid = f"r{i}-{t.name}"
+        stages.append(Stage(sid, STUDENT, model, t, str(run / "stages" / sid), LLAVA_KD_STEPS))
         model = stages[-1].final
     return stages
 
@@ -129,6 +143,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "each DPT -> SFT -> DFT", 1, lambda ts: ts, _bottom_up),
     Strategy("top-down", "top-down", "teachers[-1] distils teachers[-2] first (DPT -> SFT -> DFT); the distilled "
              "TA then serves the next one down, ... the student", 2, lambda ts: ts, _top_down),
+    Strategy("repeat", "repeat (control)", "compute control of bottom-up: student <- teachers[-1], then <- "
+             "teachers[-1] again, ... (as many stages as bottom-up, at least two); each DPT -> SFT -> DFT", 1,
+             lambda ts: ts[-1:], _repeat, control=True),
 )}
 
 
@@ -138,6 +155,30 @@ def plan(cfg: PlanInput) -> list[Stage]:
     teachers = {t.name: Teacher(t.name, t.model, tuple(t.devices), str(Path(cfg.cache_root) / t.name))
                 for t in cfg.teachers}
     return STRATEGIES[cfg.strategy].stages(cfg, teachers, run)
+
+
+def place_steps(stages: Sequence[Stage], where: Callable[[Stage, str, str], str | Path]) -> list[Stage]:
+    """The same stages with step ``s`` of stage ``st`` writing to ``where(st, s, model_in)`` (``model_in``:
+    the model the step starts from). Later stages that start from a moved final model follow it; a
+    teacher an earlier stage produced (top-down) follows it too, its cache beside that model (the
+    targets depend on nothing else)."""
+    moved: dict[str, str] = {}
+    out = []
+    for st in stages:
+        student_in = moved.get(st.student_in, st.student_in)
+        teacher = st.teacher
+        if teacher is not None and teacher.model in moved:
+            final = Path(moved[teacher.model])
+            teacher = replace(teacher, model=str(final), cache_root=str(final.parent / "teacher_cache"))
+        model, dirs = student_in, []
+        for step in st.steps:
+            d = str(where(replace(st, student_in=student_in, teacher=teacher), step, model))
+            dirs.append((step, d))
+            model = str(Path(d) / "final")
+        new = replace(st, student_in=student_in, teacher=teacher, step_dirs=tuple(dirs))
+        moved[st.final] = new.final
+        out.append(new)
+    return out
 
 
 def chain(stages: Sequence[Stage]) -> str:

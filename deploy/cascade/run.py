@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ckd_common.config import to_argv
 from deploy.cascade.caches import CacheCheck
+from deploy.cascade.compute import measured
 from deploy.cascade.config import CascadeConfig
 from deploy.cascade.plan import Stage, Teacher, chain, plan
 from deploy.cascade.supervise import CascadeError, Children, Stopped, stop_gracefully
@@ -266,12 +267,13 @@ class Cascade:
             return False
         return not set(teacher.devices) & set(self.cfg.train_devices)
 
-    def execute(self) -> dict:
+    def execute(self, stages: list[Stage] | None = None) -> dict:
+        """Run the plan (or ``stages``: the plan with steps placed elsewhere, see ``plan.place_steps``)."""
         self.run.mkdir(parents=True, exist_ok=True)
         (self.run / "logs").mkdir(exist_ok=True)
         _write_json(self.run / "cascade.json", self.cfg.to_dict())
         self.timeline = Timeline(self.run / "timeline.json")
-        stages = plan(self.cfg)
+        stages = stages or plan(self.cfg)
         self.log(f"[cascade] {self.cfg.strategy}: " + " -> ".join(
             f"{s.id}({s.teacher.name if s.teacher else 'no teacher'})" for s in stages))
         t0 = time.time()
@@ -302,10 +304,12 @@ class Cascade:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        compute = measured(stages)
         summary = {"strategy": self.cfg.strategy, "stages": [s.id for s in stages], "final": stages[-1].final,
-                   "teacher_chain": chain(stages), "wall_s": round(time.time() - t0, 1), "eval": result}
+                   "teacher_chain": chain(stages), "wall_s": round(time.time() - t0, 1), "eval": result,
+                   **compute.to_dict()}
         _write_json(self.run / "summary.json", summary)
-        self.log(f"[cascade] done in {summary['wall_s']} s; final student {summary['final']}")
+        self.log(f"[cascade] done in {summary['wall_s']} s ({compute.describe()}); final student {summary['final']}")
         return summary
 
 

@@ -1,0 +1,106 @@
+"""Running an ablation: every point x seed is a cascade (``deploy.cascade``: the same caches check,
+fills, trainer steps, eval, timeline and summary) in ``points/<point>/seed<s>/``, with its training
+steps placed by what determines them, so a step whose inputs are identical for several points
+(the same starting model, trainer config and teacher cache: e.g. one DPT and SFT for all DFT
+variants, or the first stage of ``repeat`` and ``single``) is computed once, in ``steps/``.
+
+Resumable like the cascade: a point whose ``summary.json`` was written for the same config is
+skipped; an interrupted step resumes from its checkpoint; Ctrl-C stops every child and raises
+KeyboardInterrupt (``ckd ablate`` exits 130).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from deploy.ablate.config import AblateConfig, Point
+from deploy.ablate.report import Row, write_report
+from deploy.cascade.caches import CacheCheck, model_files_key
+from deploy.cascade.config import CascadeConfig
+from deploy.cascade.plan import Stage, chain, place_steps, plan
+from deploy.cascade.run import Cascade
+from deploy.cascade.supervise import Children
+from student_trainer.config import TrainConfig
+
+# trainer options that do not change what a step computes (the trainer's own rule for --resume)
+_NOT_IDENTITY = ("out", *TrainConfig.RESUME_FREE)
+
+
+def step_key(cfg: CascadeConfig, stage: Stage, step: str, model_in: str, steps_dir: Path) -> str:
+    """What determines a training step's result: its whole trainer config (model in, data, teacher cache,
+    every option) and, for a step that starts from a checkpoint outside ``steps_dir`` (the student, a
+    teacher being distilled), that checkpoint's files; a step inside is named by its own key already."""
+    cache = stage.teacher.cache_root if stage.teacher else None
+    tc = cfg.train_config(step, model_in, ".", cache).resolved().to_dict()
+    ident = {k: v for k, v in tc.items() if k not in _NOT_IDENTITY}
+    ident["model"] = str(Path(model_in).resolve())
+    if ident.get("cache"):
+        ident["cache"] = str(Path(ident["cache"]).resolve())
+    if not Path(model_in).resolve().is_relative_to(steps_dir.resolve()):
+        ident["model_files"] = model_files_key(model_in)
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{step}-{digest}"
+
+
+class Ablation:
+    def __init__(self, cfg: AblateConfig, log=print, children: Children | None = None):
+        self.cfg = cfg
+        self.run = Path(cfg.base.run_dir)
+        self.log = log
+        self.children = children or Children()
+        self.caches = CacheCheck(cfg.base.data_of, cfg.base.images)  # data prepared, teachers fingerprinted once
+
+    def stages(self, pcfg: CascadeConfig) -> list[Stage]:
+        """The point's plan, each step in ``steps/<step>-<key>``."""
+        steps = self.cfg.steps_dir
+        return place_steps(plan(pcfg), lambda st, step, model: steps / step_key(pcfg, st, step, model, steps))
+
+    def run_point(self, point: Point, seed: int) -> dict:
+        pcfg = self.cfg.point_config(point, seed)
+        pdir = Path(pcfg.run_dir)
+        saved, summary = pdir / "cascade.json", pdir / "summary.json"
+        same = saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(pcfg.to_dict()))
+        if same and summary.is_file():
+            self.log(f"[ablate] {point.name} seed {seed}: already finished")
+            return json.loads(summary.read_text())
+        if saved.is_file() and not same:  # the grid changed this point: its steps are keyed, its eval is not
+            self.log(f"[ablate] {point.name} seed {seed}: config changed; evaluating again")
+            shutil.rmtree(pdir / "eval", ignore_errors=True)
+            summary.unlink(missing_ok=True)
+        self.log(f"[ablate] {point.name} seed {seed}: {pcfg.strategy} -> {pdir}")
+        cascade = Cascade(pcfg, lambda m: self.log(f"  {m}"), self.children)
+        cascade.caches = self.caches
+        return cascade.execute(self.stages(pcfg))
+
+    def execute(self, title: str | None = None) -> dict:
+        """Every point x seed (in grid order, seeds inside), then the table and plot. Returns the report:
+        ``rows`` (deploy.ablate.report.Row, one per point), ``table``, the files written, ``wall_s``."""
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.run / "ablate.json")
+        t0 = time.time()
+        rows = []
+        for point in self.cfg.points:
+            summaries = [self.run_point(point, seed) for seed in self.cfg.seeds]
+            first = self.cfg.point_config(point, self.cfg.seeds[0])
+            rows.append(Row.from_summaries(point.name, chain(plan(first)), summaries))
+        wall = round(time.time() - t0, 1)
+        title = title or (f"ckd ablate: {len(self.cfg.points)} points x {len(self.cfg.seeds)} seed(s) "
+                          f"(seeds {self.cfg.seeds}), accuracy (%) on the held-out questions")
+        report = write_report(rows, self.run, title)
+        self.log(report["table"])
+        self.log(f"[ablate] done in {wall} s; table {report['md']}, plot {report['png']}")
+        return {**report, "rows": rows, "wall_s": wall}
+
+
+def run_ablation(config: str | Path | AblateConfig, log=print) -> dict:
+    """Validate, then run an ablation. Ctrl-C / SIGTERM stop every child and raise KeyboardInterrupt;
+    a re-run resumes."""
+    children = Children()
+    with children.stop_on_signals():
+        cfg = config if isinstance(config, AblateConfig) else AblateConfig.from_yaml(config)
+        cfg.validate()
+        log("[ablate] resolved config:\n" + cfg.describe())
+        return Ablation(cfg, log, children).execute()
