@@ -399,13 +399,18 @@ def data_contract(model_dir: str | Path):
 
 
 def model_info(model, tokenizer) -> ModelInfo:
+    return info_from_config(model.config, tokenizer, model_fingerprint(model), int(lm_head_weight(model).shape[0]))
+
+
+def info_from_config(cfg, tokenizer, fingerprint: str, vocab_size: int | None = None) -> ModelInfo:
+    """ModelInfo of a LlavaConfig + tokenizer without the weights (``vocab_size``: the lm_head's
+    rows, default the config's). The null engine of teacher_server serves from this alone."""
     from ckd_common.tokenizer import tokenizer_hash
 
-    cfg = model.config
     return ModelInfo(
-        fingerprint=model_fingerprint(model),
+        fingerprint=fingerprint,
         tokenizer_hash=tokenizer_hash(tokenizer),
-        vocab_size=int(lm_head_weight(model).shape[0]),
+        vocab_size=int(cfg.text_config.vocab_size if vocab_size is None else vocab_size),
         tokenizer_vocab_size=len(tokenizer),
         hidden_size=int(cfg.text_config.hidden_size),
         num_visual_tokens=num_visual_tokens(cfg),

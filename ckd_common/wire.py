@@ -66,13 +66,13 @@ def _pad(n: int) -> int:
 
 def encode_frame(magic: bytes, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     """Frame = prefix + JSON header + aligned raw arrays (see the module docstring)."""
-    parts: list[bytes] = []
+    parts: list = []
     specs = []
     for name, a in arrays.items():
         a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
         specs.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
-        raw = a.tobytes()
-        parts.append(raw + b"\0" * _pad(len(raw)))
+        parts.append(a.reshape(-1).view(np.uint8))  # joined below: the array's bytes are copied once
+        parts.append(b"\0" * _pad(a.nbytes))
     header = json.dumps({"meta": meta, "arrays": specs}, separators=(",", ":")).encode()
     header += b" " * _pad(_PREFIX.size + len(header))
     return b"".join([_PREFIX.pack(magic, WIRE_VERSION, len(header)), header, *parts])

@@ -18,9 +18,15 @@ cleanly: in-flight requests are dropped, everything received is committed, exit 
 Whatever was committed is kept; re-running the same command resumes. Exit codes: 0 done,
 1 failed (invalid config, server or cache problem), 130 interrupted.
 
+Only one fill writes a group at a time (``deploy.fill_lock``: a lock file in the group, taken
+over when its holder is gone); a second one stops at once and names the first. A full disk stops
+the fill with one line (where, how many samples are committed); what was committed stays valid.
+
 The fill is the client -> cache-writer pipeline: HTTP goes through ``teacher_server.client``,
 storage through ``logit_cache``; it lives in ``deploy`` because it joins the two. This module is
-the command (config, server checks, data, group); ``deploy.fill_pipeline`` streams the requests.
+the command (config, server checks, data, group); ``deploy.fill_pipeline`` streams the requests
+and writes the answers with ``--writers`` threads (``deploy.fill_frames``: frame -> segment arrays).
+Throughput of everything but the teacher: ``bench/fill_host.py`` (a ``--engine null`` server).
 """
 from __future__ import annotations
 
@@ -29,17 +35,19 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckd_common.config import CommandConfig, ConfigError
+from ckd_common.config import CommandConfig, ConfigError, add_arguments, from_args
 from ckd_common.protocol import Info, read_token_file
 from ckd_common.templates import PRETRAIN, TEMPLATE_NAMES
 from logit_cache import VALUE_ENCODINGS, CacheError, CacheMeta, open_group
 from logit_cache.meta import DEFAULT_VALUE_ENCODING
-from teacher_server.client import ClientError, RetryPolicy, TeacherClient, Unauthorized
+from logit_cache.store import DEFAULT_CLEVEL, DEFAULT_SEGMENT_BYTES
+from teacher_server.client import ClientError, RetryableError, RetryPolicy, TeacherClient, Unauthorized
 
-from .fill_pipeline import FillError, FillStats, make_chunks, stream_targets
+from .fill_lock import FillLock, GroupLocked
+from .fill_pipeline import FillError, FillStats, is_disk_full, make_chunks, stream_targets
 
 INFO_FIELDS_THAT_MUST_AGREE = ("teacher_fingerprint", "tokenizer_hash", "vocab_size", "tokenizer_vocab_size",
                                "num_visual_tokens", "vision_strategy", "image_size", "image_aspect_ratio",
@@ -48,41 +56,59 @@ ON_ERROR = ("raise", "skip")
 CONFIG_FILE = "fill_config.json"  # saved inside the filled group
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _help(text: str, **more) -> dict:
+    return {"help": text, **more}
 
 
 @dataclass
 class FillConfig(CommandConfig):
-    """One fill. ``--token-file`` names the token: the config itself never holds a secret."""
+    """One fill. ``--token-file`` names the token: the config itself never holds a secret. The
+    command line is derived from these fields (``ckd_common.config.add_arguments``)."""
 
     servers: list[str] = field(default_factory=list, metadata=_help(
-        "teacher server base URL, e.g. http://127.0.0.1:8000 (repeat for several servers)"))
-    data: str = field(default="", metadata=_help("LLaVA JSON (or JSON lines) file"))
-    images: str | None = field(default=None, metadata=_help("image root the data's 'image' paths are relative to"))
+        "teacher server base URL, e.g. http://127.0.0.1:8000 (repeat for several servers)", flag="--server",
+        metavar="URL"))
+    data: str = field(default="", metadata=_help("LLaVA JSON (or JSON lines) file", metavar="FILE"))
+    images: str | None = field(default=None, metadata=_help(
+        "image root the data's 'image' paths are relative to", metavar="DIR"))
     template: str = field(default="", metadata=_help(
-        f"template the data is prepared with: {', '.join(TEMPLATE_NAMES)}"))
+        f"template the data is prepared with: {', '.join(TEMPLATE_NAMES)}", choices=TEMPLATE_NAMES))
     k: int = field(default=64, metadata=_help("top-k per position"))
-    out: str = field(default="", metadata=_help("cache root (local path or fsspec URL), e.g. cache/NAME"))
-    tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the server's own)"))
+    out: str = field(default="", metadata=_help("cache root (local path or fsspec URL), e.g. cache/NAME",
+                                                metavar="ROOT"))
+    tokenizer: str | None = field(default=None, metadata=_help(
+        "tokenizer directory (default: the server's own)", metavar="DIR"))
     vocab_limit: int | None = field(default=None, metadata=_help(
-        "targets over the first N ids only (default: the teacher's common vocabulary)"))
+        "targets over the first N ids only (default: the teacher's common vocabulary)", metavar="N"))
     encoding: str = field(default=DEFAULT_VALUE_ENCODING, metadata=_help(
-        f"stored log-prob encoding: {', '.join(VALUE_ENCODINGS)}"))
+        f"stored log-prob encoding: {', '.join(VALUE_ENCODINGS)}", choices=VALUE_ENCODINGS))
     batch_samples: int = field(default=16, metadata=_help("samples per request"))
-    concurrency: int = field(default=2, metadata=_help("requests in flight per server"))
-    segment_rows: int = field(default=1024, metadata=_help("samples per committed segment"))
+    concurrency: int = field(default=4, metadata=_help(
+        "requests in flight per server (the next ones travel while answers are written)"))
+    writers: int = field(default=2, metadata=_help(
+        "writer threads; each decodes answers and compresses and commits its own segments"))
+    segment_rows: int = field(default=4096, metadata=_help("samples per committed segment (at most)"))
+    segment_mb: int = field(default=DEFAULT_SEGMENT_BYTES >> 20, metadata=_help(
+        "encoded MiB per segment before compression (at most; ~2,400 image samples at 728 visual tokens, k=64, "
+        "q8); a writer holds one segment in memory (about twice this while committing)"))
+    clevel: int = field(default=DEFAULT_CLEVEL, metadata=_help(
+        "Blosc (zstd) level of the written segments, 1-9: lower writes faster, a little larger"))
     retries: int = field(default=6, metadata=_help("attempts per request before giving up"))
-    backoff_s: float = field(default=0.5, metadata=_help("first back-off after a failed request (doubles)"))
-    max_backoff_s: float = field(default=30.0, metadata=_help("longest back-off between attempts"))
-    timeout_s: float = field(default=600.0, metadata=_help("seconds per request"))
-    wait_ready_s: float = field(default=120.0, metadata=_help("seconds to wait for the servers' /readyz at start"))
+    backoff_s: float = field(default=0.5, metadata=_help(
+        "first back-off after a failed request, seconds (doubles)", flag="--backoff", metavar="S"))
+    max_backoff_s: float = field(default=30.0, metadata=_help(
+        "longest back-off between attempts, seconds", flag="--max-backoff", metavar="S"))
+    timeout_s: float = field(default=600.0, metadata=_help("seconds per request", flag="--timeout", metavar="S"))
+    wait_ready_s: float = field(default=120.0, metadata=_help(
+        "seconds to wait for the servers' /readyz at start", flag="--wait-ready", metavar="S"))
     max_length: int = field(default=2048, metadata=_help("longest prepared sample in tokens"))
-    on_error: str = field(default="raise", metadata=_help("for samples that fail preparation: raise or skip"))
+    on_error: str = field(default="raise", metadata=_help(
+        "for samples that fail preparation: raise or skip", choices=ON_ERROR))
     prepared: str | None = field(default=None, metadata=_help(
         "the prepared dataset to fill (a directory `ckd data prepare` printed); refused if made for other inputs or "
-        "stale. Default: opened, or built once, under $CKD_PREPARED_DIR"))
-    token_file: str | None = field(default=None, metadata=_help("file holding the servers' bearer token"))
+        "stale. Default: opened, or built once, under $CKD_PREPARED_DIR", metavar="DIR"))
+    token_file: str | None = field(default=None, metadata=_help("file holding the servers' bearer token",
+                                                                metavar="FILE"))
     progress: bool = field(default=True, metadata=_help("progress bar"))
 
     def problems(self) -> list[str]:
@@ -111,9 +137,12 @@ class FillConfig(CommandConfig):
             p.append(f"--encoding {self.encoding!r}: choose one of {', '.join(VALUE_ENCODINGS)}")
         if self.on_error not in ON_ERROR:
             p.append(f"--on-error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
-        for name in ("k", "batch_samples", "concurrency", "segment_rows", "retries", "max_length"):
+        for name in ("k", "batch_samples", "concurrency", "writers", "segment_rows", "segment_mb", "retries",
+                     "max_length"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not 1 <= self.clevel <= 9:
+            p.append(f"--clevel must be in 1..9 (got {self.clevel})")
         if self.vocab_limit is not None and self.vocab_limit < 1:
             p.append(f"--vocab-limit must be at least 1 (got {self.vocab_limit})")
         if self.timeout_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0 or self.wait_ready_s < 0:
@@ -160,6 +189,9 @@ def load_tokenizer(cfg: FillConfig, server: TeacherClient, info: Info):
     else:
         try:
             tok = server.tokenizer()
+        except RetryableError as e:  # no answer (or 5xx) right after /readyz and /v1/info succeeded
+            raise FillError(f"server {server.url} stopped answering while its tokenizer was downloaded ({e}); "
+                            f"check that it still runs, then re-run") from None
         except ClientError as e:
             raise FillError(f"{e}; pass --tokenizer DIR instead") from None
         where = f"the tokenizer of {server.url}"
@@ -256,12 +288,36 @@ def fill(cfg: FillConfig) -> FillStats:
                                  image_aspect_ratio=info.image_aspect_ratio, target_kinds=info.target_kinds)
     try:
         group = open_group(cfg.out, meta=meta, create=True)
+        lock = FillLock(group).acquire()  # before reading what is committed: no other fill adds to it
+    except GroupLocked as e:
+        raise FillError(str(e)) from None
+    except CacheError as e:
+        raise FillError(f"cannot use the cache at {cfg.out}: {e}") from None
+    except OSError as e:  # e.g. a full disk or no permission where the group would be created
+        raise FillError(f"cannot create the cache group in {cfg.out}: {_os_problem(e)}") from None
+    try:
+        if lock.note:
+            print(f"fill: note: {lock.note}", file=sys.stderr)
+        stats.group = group.name
+        return _fill_group(cfg, ds, group, infos, urls, token, vocab_limit, stats)
+    finally:
+        lock.release()
+
+
+def _os_problem(e: OSError) -> str:
+    return "the disk is full; free space and re-run" if is_disk_full(e) else f"{type(e).__name__}: {e}"
+
+
+def _fill_group(cfg: FillConfig, ds, group, infos: dict[str, Info], urls: list[str], token: str | None,
+                vocab_limit: int, stats: FillStats) -> FillStats:
+    try:
         done = group.committed_keys()
         group.storage.write_atomic(json.dumps({"config": type(cfg).__name__, **cfg.to_dict()}, indent=2).encode(),
                                    group.name, CONFIG_FILE)
     except CacheError as e:
         raise FillError(f"cannot use the cache at {cfg.out}: {e}") from None
-    stats.group = group.name
+    except OSError as e:
+        raise FillError(f"cannot write {group.url}/{CONFIG_FILE}: {_os_problem(e)}") from None
 
     unique: dict[str, object] = {}
     for s in ds.samples:
@@ -281,71 +337,45 @@ def fill(cfg: FillConfig) -> FillStats:
         from tqdm import tqdm
         bar = tqdm(total=stats.samples, initial=stats.already_committed, unit="sample", desc=f"fill {group.name}",
                    dynamic_ncols=True)
-    writer = group.writer(segment_rows=cfg.segment_rows)
+
+    def new_writer():
+        return group.writer(segment_rows=cfg.segment_rows, segment_bytes=cfg.segment_mb << 20, clevel=cfg.clevel)
+
     try:
         asyncio.run(stream_targets(chunks, urls, token=token, k=cfg.k, vocab_limit=vocab_limit, template=cfg.template,
                                    concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retry=cfg.retry,
-                                   writer=writer, stats=stats, bar=bar))
+                                   group=group, new_writer=new_writer, writers=cfg.writers, stats=stats, bar=bar))
     finally:
         if bar is not None:
             bar.close()
-        stats.segments = [m.segment for m in writer.committed]
     return stats
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: the one map of flags to FillConfig fields (help texts and defaults come from the fields)
+# CLI: derived from FillConfig (flags, help texts, defaults and choices come from its fields)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
-        return action.help if action.default is None else super()._get_help_string(action)
+    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)" nor of required ones
+        plain = action.default in (None, "") or action.required
+        return action.help if plain else super()._get_help_string(action)
 
 
 def add_fill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    spec = {f.name: f for f in fields(FillConfig)}
-
-    def opt(flag: str, name: str, **kw) -> None:
-        f = spec[name]
-        if not kw.get("required"):
-            kw["default"] = f.default_factory() if callable(f.default_factory) else f.default
-        if "choices" not in kw:
-            kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
-        p.add_argument(flag, dest=name, help=f.metadata["help"], **kw)
-
-    opt("--server", "servers", action="append", required=True, metavar="URL")
-    opt("--data", "data", required=True)
-    opt("--images", "images")
-    opt("--template", "template", required=True, choices=TEMPLATE_NAMES)
-    opt("--k", "k", type=int)
-    opt("--out", "out", required=True)
-    opt("--tokenizer", "tokenizer")
-    opt("--vocab-limit", "vocab_limit", type=int)
-    opt("--encoding", "encoding", choices=VALUE_ENCODINGS)
-    opt("--batch-samples", "batch_samples", type=int)
-    opt("--concurrency", "concurrency", type=int)
-    opt("--segment-rows", "segment_rows", type=int)
-    opt("--retries", "retries", type=int)
-    opt("--timeout", "timeout_s", type=float)
-    opt("--wait-ready", "wait_ready_s", type=float)
-    opt("--max-length", "max_length", type=int)
-    opt("--on-error", "on_error", choices=ON_ERROR)
-    opt("--prepared", "prepared")
-    opt("--token-file", "token_file")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_arguments(p, FillConfig, overrides={name: {"required": True} for name in ("servers", "data", "template", "out")})
     p.formatter_class = _Formatter
     return p
 
 
 def config_from_args(a: argparse.Namespace, quiet: bool = False) -> FillConfig:
-    kw = {f.name: getattr(a, f.name) for f in fields(FillConfig) if hasattr(a, f.name)}
-    cfg = FillConfig(**kw)
+    cfg = from_args(FillConfig, a)
     cfg.progress = cfg.progress and not quiet
     return cfg
 
 
 def run_fill(a: argparse.Namespace, prog: str = "logit_cache fill", quiet: bool = False) -> int:
-    """Run from parsed arguments; prints the config and a summary line; exit code 0 / 1 / 130."""
+    """Run from parsed arguments; prints the config and a summary line; exit code 0 / 1 / 130.
+    Every failure is one message (no traceback); a fill that stops keeps what it committed."""
     stats = FillStats()
     try:
         cfg = config_from_args(a, quiet)
@@ -358,7 +388,7 @@ def run_fill(a: argparse.Namespace, prog: str = "logit_cache fill", quiet: bool 
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
     except FillError as e:
-        print(f"{prog}: {e}\nCommitted samples are kept; re-run the same command to resume.", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     rate = stats.written / stats.send_seconds if stats.send_seconds else 0.0
     print(f"{prog}: group {stats.group}: {stats.written} written, {stats.already_committed} already "

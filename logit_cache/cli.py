@@ -86,11 +86,13 @@ def _compact_args(p):
     _group_args(p)
     p.add_argument("--target-rows", type=int, default=65536, help="samples per merged segment")
     p.add_argument("--small-rows", type=int, default=None, help="merge segments smaller than this")
+    p.add_argument("--target-mb", type=int, default=1024,
+                   help="uncompressed MiB per merged segment (at most): the memory compact needs")
 
 
 def _compact(a) -> int:
     new = compact(open_group(a.root, a.group), target_rows=a.target_rows, small_rows=a.small_rows,
-                  progress=not a.quiet)
+                  progress=not a.quiet, target_bytes=a.target_mb << 20)
     _json({"new_segments": new})
     return 0
 

@@ -56,8 +56,23 @@ def split_ids(ids: np.ndarray, hi_bits: int) -> tuple[np.ndarray, np.ndarray | N
     if not hi_bits:
         return lo, None
     hi = (ids >> 16).astype(np.uint8)
+    n, k = ids.shape
+    per = 8 // hi_bits
+    if 8 % hi_bits == 0 and k % per == 0:
+        # whole ids per byte (Qwen's 2 bits: 4 ids): shift and OR them into place, MSB first, which is
+        # what packbits of the bits below gives (~5x faster; tests/test_cache_roundtrip.py holds them equal)
+        groups = hi.reshape(n, k // per, per)
+        packed = np.zeros((n, k // per), np.uint8)
+        for j in range(per):
+            packed |= groups[:, :, j] << np.uint8(8 - hi_bits * (j + 1))
+        return lo, packed
+    return lo, _pack_bits(hi, hi_bits)
+
+
+def _pack_bits(hi: np.ndarray, hi_bits: int) -> np.ndarray:
+    """The plain packing: each id's ``hi_bits`` bits MSB first, all of a row's bits packed."""
     bits = (hi[..., None] >> np.arange(hi_bits - 1, -1, -1, dtype=np.uint8)) & 1
-    return lo, np.packbits(bits.reshape(ids.shape[0], ids.shape[1] * hi_bits), axis=1)
+    return np.packbits(bits.reshape(hi.shape[0], hi.shape[1] * hi_bits), axis=1)
 
 
 def join_ids(lo: np.ndarray, packed_hi: np.ndarray | None, hi_bits: int) -> np.ndarray:

@@ -142,6 +142,57 @@ def concat_records(records: Sequence[dict[str, np.ndarray]], meta: CacheMeta) ->
     return out
 
 
+def _autocorr_width(blocks: Sequence[dict[str, np.ndarray]], meta: CacheMeta) -> int:
+    widths = {b["autocorr"].shape[1] for b in blocks if b["autocorr"].size}
+    if len(widths) > 1:
+        raise ValueError(f"one segment holds autocorrelations of different Nv {sorted(widths)}")
+    return widths.pop() if widths else max(meta.num_visual_tokens, 1)
+
+
+def concat_blocks(blocks: Sequence[dict[str, np.ndarray]], meta: CacheMeta) -> dict[str, np.ndarray]:
+    """Blocks (each the arrays of consecutive samples in the segment layout: ``concat_records``'
+    output, ``decode_block``'s, ``take_rows``') -> one block: arrays concatenated, ``*_offsets``
+    re-based. Equal to ``concat_records`` of all their records (tests/test_fill_frames.py). One
+    block is returned as it is (no copy)."""
+    if meta.format_version != 2:
+        raise ValueError(f"concat_blocks writes format 2, not {meta.format_version}")
+    if len(blocks) == 1:
+        return blocks[0]
+    if not blocks:
+        return concat_records([], meta)
+    nv = _autocorr_width(blocks, meta)
+    out: dict[str, np.ndarray] = {}
+    for name in blocks[0]:
+        if name.endswith("_offsets"):
+            base = np.cumsum([0] + [int(b[name][-1]) for b in blocks[:-1]], dtype=np.int64)
+            out[name] = np.concatenate([blocks[0][name][:1]] + [b[name][1:] + o for b, o in zip(blocks, base)])
+        elif name == "autocorr":  # an empty block's [0, w] may have another width
+            out[name] = np.concatenate([b[name].reshape(-1, nv) for b in blocks])
+        else:
+            out[name] = np.concatenate([b[name] for b in blocks])
+    return out
+
+
+def take_rows(meta: CacheMeta, arrays: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """Samples ``rows`` of a format-2 segment's ``arrays`` as a block of their stored bytes (nothing
+    decoded): ``concat_records([record_of(...) for each row])``, without a dict per sample."""
+    if meta.format_version != 2:
+        raise ValueError(f"take_rows copies format 2, not {meta.format_version}")
+    rows = np.asarray(rows, dtype=np.int64)
+    out = {"keys": arrays["keys"][rows], "autocorr_share": arrays["autocorr_share"][rows]}
+    for prefix, names in [(kind, [f"{kind}_{s}" for s in position_suffixes(meta)]) for kind in POSITION_KINDS] + \
+            [("autocorr", autocorr_arrays(meta))]:
+        o = arrays[f"{prefix}_offsets"]
+        lo, n = o[rows].astype(np.int64), (o[rows + 1] - o[rows]).astype(np.int64)
+        ends = np.cumsum(n)
+        out[f"{prefix}_offsets"] = np.concatenate([[0], ends]).astype(np.int64)
+        # one gather per array: the stored rows of every kept sample's slice, in order
+        idx = np.repeat(lo - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
+        for name in names:
+            out[name] = arrays[name][idx]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # slicing and decoding (format 1 and 2)
 def sample_slices(meta: CacheMeta, index: dict[str, np.ndarray], i: int) -> dict[str, slice]:
@@ -194,5 +245,5 @@ def assemble(key: str, meta: CacheMeta, rec: dict[str, np.ndarray]) -> SampleTar
 
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "KEY_BYTES", "POSITION_KINDS", "array_names", "assemble", "autocorr_arrays",
-           "chunk_shape", "concat_records", "encode_record", "index_arrays", "key_row", "position_suffixes",
-           "record_nbytes", "record_of", "sample_slices"]
+           "chunk_shape", "concat_blocks", "concat_records", "encode_record", "index_arrays", "key_row",
+           "position_suffixes", "record_nbytes", "record_of", "sample_slices", "take_rows"]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .encoding import ids_hi_bits, join_ids
 from .errors import CacheCorruptError
-from .layout import POSITION_KINDS, array_names, concat_records
+from .layout import POSITION_KINDS, array_names, concat_blocks
 from .reader import CacheReader
 from .store import COMPACT_CLEVEL, MANIFESTS, SEGMENTS, CacheGroup, Manifest, SegmentData, verify_manifest_arrays
 
@@ -221,17 +221,18 @@ def _encoded_bytes(m: Manifest) -> int:
 
 def compact(group: CacheGroup, target_rows: int = 65536, small_rows: int | None = None,
             target_bytes: int = DEFAULT_COMPACT_BYTES, clevel: int = COMPACT_CLEVEL, progress: bool = True) -> list[str]:
-    """Merge committed segments smaller than ``small_rows`` (default target_rows // 2) into segments
-    of up to ``target_rows`` samples and ``target_bytes`` encoded bytes (what is held in memory).
-    Samples are copied as stored (no decoding, so nothing is re-quantised), recompressed at ``clevel``
-    (default 6: ~4 % smaller than the writers' fast default). Each output segment's
+    """Merge committed segments smaller than ``small_rows`` (default target_rows // 2) and half of
+    ``target_bytes`` into segments of up to ``target_rows`` samples and ``target_bytes`` encoded bytes
+    (what is held in memory). Samples are copied as stored (nothing decoded, so nothing re-quantised:
+    ``SegmentData.take``, one gather per array) and recompressed at ``clevel`` (default 6: ~4 %
+    smaller than the writers' fast default), every chunk with a fresh crc32c. Each output segment's
     manifest names the segments it replaces, so it is the single atomic commit point; the old
     segments are then deleted (gc finishes the job if this process dies first). Duplicate keys are
     dropped. Every input segment is verified against its manifest first. Returns the new segment ids."""
     group.check_writable()
     group.check_no_damage()
     small_rows = target_rows // 2 if small_rows is None else small_rows
-    ms = [m for m in group.committed() if m.num_samples < small_rows]
+    ms = [m for m in group.committed() if m.num_samples < small_rows and _encoded_bytes(m) < target_bytes // 2]
     if len(ms) < 2:
         return []
     batches, cur, rows, size = [], [], 0, 0
@@ -252,21 +253,25 @@ def compact(group: CacheGroup, target_rows: int = 65536, small_rows: int | None 
         if len(batch) < 2:
             bar.update(batch[0].num_samples)
             continue
-        records: list = []
+        blocks: list[dict[str, np.ndarray]] = []
         keys: set[str] = set()
         for m in batch:
             data = verify_manifest_arrays(group, m)
+            rows_kept = []
             for r in range(len(data)):
                 k = data.key(r)
                 if k not in keys and reader.locate(k) == (m.segment, r):
                     keys.add(k)
-                    records.append(data.record(r))
+                    rows_kept.append(r)
                 bar.update(1)
+            blocks.append(data.take(rows_kept))
+            del data
         replaces = sorted({m.segment for m in batch} | {r for m in batch for r in all_manifests[m.segment].replaces})
-        out = group.write_segment(concat_records(records, group.meta), replaces=replaces, clevel=clevel)
+        out = group.write_segment(concat_blocks(blocks, group.meta), replaces=replaces, clevel=clevel)
         new.append(out.segment)
         for seg in replaces:  # committed above: removing the old ones is now only cleanup
             group.storage.rm(group.name, SEGMENTS, seg, recursive=True)
             group.storage.rm(group.name, MANIFESTS, f"{seg}.json")
     bar.close()
     return new
+

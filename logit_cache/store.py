@@ -32,8 +32,8 @@ from zarr.core.sync import sync
 from ckd_common.targets import AUTOCORR_MAX_RANK, AUTOCORR_SHARE, AutocorrFactor, SampleTargets
 
 from .errors import CacheCorruptError, CacheError, GroupNotFoundError, UnknownFormatVersion
-from .layout import (DEFAULT_CHUNK_ROWS, KEY_BYTES, POSITION_KINDS, array_names, assemble, chunk_shape, concat_records,
-                     encode_record, record_nbytes, record_of, sample_slices)
+from .layout import (DEFAULT_CHUNK_ROWS, KEY_BYTES, POSITION_KINDS, array_names, assemble, chunk_shape, concat_blocks,
+                     concat_records, encode_record, record_nbytes, record_of, sample_slices, take_rows)
 from .meta import ATTR_KEY, FORMAT_VERSION, SUPPORTED_VERSIONS, CacheMeta, group_name
 from .storage import MissingChunkError, Storage
 
@@ -56,7 +56,7 @@ def _now() -> str:
 
 
 def _sha(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()  # hashed in place
 
 
 def new_segment_id() -> str:
@@ -116,6 +116,11 @@ class SegmentData:
 
     def sample(self, i: int) -> SampleTargets:
         return assemble(self.key(i), self.meta, self.record(i))
+
+    def take(self, rows: Iterable[int]) -> dict[str, np.ndarray]:
+        """Samples ``rows`` as one block of their stored bytes (``layout.take_rows``; format 2):
+        compaction moves them without decoding anything."""
+        return take_rows(self.meta, self.arrays, list(rows))
 
     def samples(self) -> Iterable[SampleTargets]:
         for i in range(len(self)):
@@ -337,7 +342,8 @@ class CacheGroup:
             if shard_rows and name != "keys" and not name.endswith(("offsets", "share")) and len(a) > chunks[0]:
                 srows = max(chunks[0], (min(shard_rows, len(a)) // chunks[0]) * chunks[0])
                 shards = (srows, *chunks[1:])
-            # every chunk is written, even an all-zero one: a missing chunk is then detectable damage
+            # every chunk is written, even an all-zero one: a missing chunk is then detectable damage (and
+            # zarr skips comparing each chunk with the fill value: ~10% of a segment's commit at real shapes)
             z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
                                compressors=compressors(str(a.dtype), clevel), fill_value=0,
                                config={"write_empty_chunks": True})
@@ -389,7 +395,7 @@ class CacheWriter:
         self.segment_rows, self.segment_bytes = segment_rows, segment_bytes
         self.chunk_rows, self.shard_rows, self.clevel = chunk_rows, shard_rows, clevel
         self.autocorr_share, self.autocorr_max_rank = autocorr_share, autocorr_max_rank
-        self._buf: list[dict[str, np.ndarray]] = []
+        self._buf: list[dict[str, np.ndarray]] = []   # blocks in the segment layout (layout.concat_blocks)
         self._buf_keys: set[str] = set()
         self._buf_bytes = 0
         self.committed: list[Manifest] = []
@@ -439,19 +445,50 @@ class CacheWriter:
 
             s = SampleTargets(s.key, s.text, s.visual, factor_dense(s.autocorr, self.autocorr_share,
                                                                    self.autocorr_max_rank))
-        rec = encode_record(s, self.meta)
-        self._buf.append(rec)
-        self._buf_keys.add(s.key)
-        self.num_added += 1
-        self._buf_bytes += record_nbytes(rec)
-        if len(self._buf) >= self.segment_rows or self._buf_bytes >= self.segment_bytes:
+        self._add_block(concat_records([encode_record(s, self.meta)], self.meta), [s.key])
+
+    def add_encoded(self, block: dict[str, np.ndarray]) -> None:
+        """Add samples already encoded, as a block in the segment layout (``layout.concat_blocks``),
+        e.g. decoded straight from a server's response by the fill (``deploy.fill_frames``): no
+        SampleTargets in between. The caller has checked their values as :meth:`add` does; here the
+        block's layout and keys are checked."""
+        m = self.meta
+        names = array_names(m)
+        if sorted(block) != sorted(names):
+            raise ValueError(f"an encoded block must hold exactly the arrays {names}, not {sorted(block)}")
+        n = len(block["keys"])
+        if block["keys"].shape != (n, KEY_BYTES) or block["autocorr_share"].shape != (n,):
+            raise ValueError(f"encoded block: keys {block['keys'].shape} / autocorr_share "
+                             f"{block['autocorr_share'].shape} are not [{n}, {KEY_BYTES}] / [{n}]")
+        for kind, rows in (("text", "text_ids"), ("visual", "visual_ids"), ("autocorr", "autocorr")):
+            o = block[f"{kind}_offsets"]
+            if len(o) != n + 1 or o[0] != 0 or (np.diff(o) < 0).any() or o[-1] != len(block[rows]):
+                raise ValueError(f"encoded block: {kind}_offsets do not index its {len(block[rows])} {rows} rows")
+        for kind in POSITION_KINDS:
+            ids = block[f"{kind}_ids"]
+            if ids.ndim != 2 or ids.shape[1] != m.k:
+                raise ValueError(f"encoded block: {kind}_ids {ids.shape} are not [N, k={m.k}]")
+        if len(block["autocorr_scale"]) != len(block["autocorr"]):
+            raise ValueError("encoded block: autocorr_scale does not hold one scale per factor column")
+        keys = [key_hex(r) for r in block["keys"]]
+        seen = self._buf_keys.intersection(keys)
+        if seen or len(set(keys)) != n:
+            raise ValueError(f"sample {min(seen) if seen else keys[0]} was added twice to this writer")
+        self._add_block(block, keys)
+
+    def _add_block(self, block: dict[str, np.ndarray], keys: list[str]) -> None:
+        self._buf.append(block)
+        self._buf_keys.update(keys)
+        self.num_added += len(keys)
+        self._buf_bytes += record_nbytes(block)
+        if len(self._buf_keys) >= self.segment_rows or self._buf_bytes >= self.segment_bytes:
             self.flush()
 
     def flush(self) -> Manifest | None:
         """Write and commit the buffered samples as one segment (no-op when empty)."""
         if not self._buf:
             return None
-        arrays = concat_records(self._buf, self.meta)
+        arrays = concat_blocks(self._buf, self.meta)
         m = self.group.write_segment(arrays, chunk_rows=self.chunk_rows, shard_rows=self.shard_rows,
                                      clevel=self.clevel)
         self.committed.append(m)

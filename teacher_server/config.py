@@ -31,7 +31,8 @@ class ServerConfig(CommandConfig):
     device: str = field(default="cpu", metadata=_help("cpu or cuda[:N]"))
     dtype: str | None = field(default=None, metadata=_help("default: bf16 on CUDA, fp32 on CPU", choices=DTYPES))
     engine: str = field(default="hf", metadata=_help(
-        "hf, or vllm (optional extra, GPU only, no autocorrelation)", choices=ENGINES))
+        "hf, vllm (optional extra, GPU only, no autocorrelation) or null (no forward: synthetic targets "
+        "of the model's shapes, to measure a fill's host side)", choices=ENGINES))
     host: str = field(default="127.0.0.1", metadata=_help("bind address; the default accepts loopback only"))
     port: int = field(default=8000, metadata=_help("0 picks a free port (see --port-file)"))
     port_file: str | None = field(default=None, metadata=_help("write the bound port here once listening"))

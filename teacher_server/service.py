@@ -50,8 +50,9 @@ class TeacherService:
     # -- lifecycle ---------------------------------------------------------------------------------
     def load(self) -> None:
         t0 = time.perf_counter()
-        self.desc = self.engine.load()
-        self.tokenizer_zip = self._zip_tokenizer(self.desc.tokenizer)
+        desc = self.engine.load()
+        self.tokenizer_zip = self._zip_tokenizer(desc.tokenizer)  # before /readyz says ready (desc set)
+        self.desc = desc
         log.info("teacher %s loaded in %.1fs on %s (%s)", self.desc.model.fingerprint,
                  time.perf_counter() - t0, self.desc.device, self.desc.dtype)
 
@@ -220,7 +221,8 @@ class TeacherService:
                 raise InvalidSample(f"{who}: the visual span [{vs}, {vs + s.num_visual}) must hold exactly the "
                                     f"{s.num_visual} image tokens (id {m.image_token_id}) of the sample; found "
                                     f"{n_image_tokens} image tokens")
-            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio, self.cfg.max_image_pixels)
+            pixels = self._decode_image(who, s.image, m.image_size, m.image_aspect_ratio, self.cfg.max_image_pixels,
+                                        self.engine.needs_pixels)
         else:
             if s.num_visual != 0 or n_image_tokens:
                 raise InvalidSample(f"{who}: no image was sent, but the sample has num_visual={s.num_visual} "
@@ -238,7 +240,8 @@ class TeacherService:
         return inp
 
     @staticmethod
-    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str, max_pixels: int) -> np.ndarray:
+    def _decode_image(who: str, data: bytes, size: int, aspect_ratio: str, max_pixels: int,
+                      decode: bool = True) -> np.ndarray | None:
         from PIL import Image
 
         try:
@@ -247,6 +250,8 @@ class TeacherService:
                 if w * h > max_pixels:
                     raise InvalidSample(f"{who}: the image is {w}x{h} pixels, more than the server decodes "
                                         f"({max_pixels} pixels, /v1/info max_image_pixels); downscale it")
+                if not decode:  # the engine does not look at pixels (Engine.needs_pixels)
+                    return None
                 im.load()
                 return preprocess_image(im, size, aspect_ratio)
         except InvalidSample:

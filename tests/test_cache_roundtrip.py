@@ -105,6 +105,20 @@ def test_padding_and_exact_ids_wide_vocab(tmp_path):
     assert t.visual is None and t.autocorr is None
 
 
+@pytest.mark.parametrize("vocab", [70_000, 151_936, 1 << 20, 1 << 24])   # 1, 2, 4 and 8 high bits
+@pytest.mark.parametrize("k", [1, 3, 8, 64])
+def test_split_ids_fast_packing_equals_the_bits(vocab, k):
+    """split_ids packs whole ids per byte where the bits allow; the bytes are those of the plain
+    bit-by-bit packing (encoding._pack_bits), and join_ids inverts both, on random ids."""
+    from logit_cache.encoding import _pack_bits, ids_hi_bits, join_ids, split_ids
+
+    hb = ids_hi_bits(vocab)
+    ids = np.random.default_rng(k).integers(0, vocab, (37, k))
+    lo, hi = split_ids(ids, hb)
+    np.testing.assert_array_equal(hi, _pack_bits((ids >> 16).astype(np.uint8), hb))
+    np.testing.assert_array_equal(join_ids(lo, hi, hb), ids)
+
+
 @pytest.mark.parametrize("enc, vocab", [("f16", VOCAB), ("q8", VOCAB), ("q8", 151_936)])
 def test_plain_zarr_read_follows_format_md(tmp_path, enc, vocab):
     """Read a sample with zarr+numpy only, exactly as FORMAT.md §3.3 says, and compare."""

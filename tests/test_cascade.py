@@ -196,6 +196,10 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     for t in ("ta", "teacher"):
         log = (env / "runs" / "bu" / "logs" / f"server-{t}-0.log").read_text()
         assert "Application startup complete" in log and "Finished server process" in log
+    # every fill is followed by `logit_cache compact`: the fill's writers' segments become one per group
+    assert len(list((env / "runs" / "bu" / "logs").glob("compact-*.log"))) == 4
+    for group in (env / "cache").glob("*/*/zarr.json"):
+        assert len(list(group.parent.glob("manifests/*.json"))) == 1, group.parent
     # the final student loads with plain transformers
     final = env / "runs" / "bu" / "stages" / "s2-teacher" / "dft" / "final"
     code = ("from transformers import LlavaForConditionalGeneration as L; import sys;"

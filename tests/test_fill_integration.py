@@ -219,3 +219,31 @@ def test_ctrl_c_stops_cleanly_and_keeps_committed(server, tmp_path):
     assert kept["ok"] and kept["samples"] >= 4 and kept["uncommitted_segments"] == []
     stats = fill(_opts([server.url], data, "pretrain", root))
     assert stats.already_committed == kept["samples"] and stats.written == stats.samples - kept["samples"]
+
+
+def test_fill_through_a_null_engine_server(tiny_models, synth_dir, tmp_path):
+    """``--engine null`` behind the real server and fill, several writer threads: the cache holds
+    exactly the synthetic targets the engine serves and says so in its teacher fingerprint."""
+    from types import SimpleNamespace
+
+    from ckd_common.teacher import TeacherInput
+    from deploy.fill import fill
+    from logit_cache import list_groups
+    from teacher_server.engines.null import NullEngine
+
+    data = synth_dir / "pretrain.json"
+    with ServerProc(tiny_models["tiny-teacher"], tmp_path, "--engine", "null", name="null") as s:
+        stats = fill(_opts([s.url], data, "pretrain", tmp_path / "cache", writers=3, segment_rows=5, batch_samples=3))
+    _, info, ds = _prepared(tiny_models, data, "pretrain")
+    assert stats.written == len({x.key for x in ds.samples}) and len(stats.segments) >= 3
+    (meta,) = list_groups(tmp_path / "cache").values()
+    assert meta.teacher_fingerprint.startswith("null-")
+    engine = NullEngine(SimpleNamespace(model_dir=str(tiny_models["tiny-teacher"]), max_k=256))
+    engine.load()
+    cached = _read_all(tmp_path / "cache")
+    for x in ds.samples:
+        want = engine.sample_targets(TeacherInput(x.key, x.input_ids, x.response_positions, x.visual_start,
+                                                  x.num_visual), K, info.common_vocab)
+        assert_targets_close(cached[x.key], want)
+    rep = _verify(tmp_path / "cache")
+    assert rep["ok"] and rep["duplicates"] == 0

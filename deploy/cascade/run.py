@@ -153,10 +153,22 @@ class Cascade:
                     self.log(f"[cascade] {job}: filling {split} ({template}) into {teacher.cache_root}")
                     self.children.run(cmd, self.run / "logs" / f"fill-{teacher.name}-{split}.log",
                                       what=f"logit_cache fill ({teacher.name}, {split})")
+                    self._compact(teacher, split, template)
             finally:
                 stop_gracefully(self.children, [p for p, _ in servers])
             self.timeline.record(job, "fill", teacher.devices, start, "done", cache=teacher.cache_root,
                                  splits=[s for s, _ in todo], servers=len(servers))
+
+    def _compact(self, teacher: Teacher, split: str, template: str) -> None:
+        """Merge the small segments a fill leaves (each writer's last one, those of interrupted
+        runs) into large ones: fewer files and manifests for every later start to walk."""
+        from logit_cache import find_group
+
+        ds = self.caches.dataset(teacher, split, template)  # memoised: no second preparation
+        group = find_group(teacher.cache_root, ds.fingerprint, ds.template)
+        self.children.run(_python() + ["logit_cache", "-q", "compact", teacher.cache_root, group],
+                          self.run / "logs" / f"compact-{teacher.name}-{split}.log",
+                          what=f"logit_cache compact ({teacher.name}, {split})")
 
     @staticmethod
     def _server_fingerprint(url: str) -> str:

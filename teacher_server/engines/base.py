@@ -31,6 +31,8 @@ class Engine(abc.ABC):
     ``targets`` is awaited by request handlers and may batch across concurrent calls."""
 
     name = "base"
+    # False: the service only checks an image's header and never decodes it (the null engine)
+    needs_pixels = True
 
     @abc.abstractmethod
     def load(self) -> EngineDescription:
