@@ -29,8 +29,14 @@ and mean-value errors (T2_pos_err, T2_grad_err, T2_kl_err), the same for the buc
 mean-value error can hide errors of opposite sign across positions (the uniform estimate's large
 per-position errors nearly cancel at T = 4); the per-position and gradient errors do not.
 
-Measured on the shared 2-core box (256 positions, V = 151,936; 267 s):
-RESULT_PLACEHOLDER
+Measured 2026-12-01 on the shared 2-core box (256 positions, V = 151,936; 89 s; table: docs/design.md §4.7):
+RESULT k=64 T0.5_pos_err=0.0002504 T0.5_grad_err=0.0003913 T0.5_kl_err=0.0008155
+T0.5_bucket_pos_err=0.0002617 T0.5_bucket_grad_err=0.0001976 T0.5_bucket_kl_err=0.000944
+T0.5_uniform_grad_err=0.001321 T0.5_topk_renorm_grad_err=0.00267 T2_pos_err=0.3366
+T2_grad_err=0.04667 T2_kl_err=0.1947 T2_bucket_pos_err=0.3287 T2_bucket_grad_err=0.007317
+T2_bucket_kl_err=0.1974 T2_uniform_grad_err=0.2864 T2_topk_renorm_grad_err=1.385 T4_pos_err=0.7738
+T4_grad_err=0.08263 T4_kl_err=0.3424 T4_bucket_pos_err=0.7644 T4_bucket_grad_err=0.00707
+T4_bucket_kl_err=0.3304 T4_uniform_grad_err=0.4503 T4_topk_renorm_grad_err=3.387
 """
 from __future__ import annotations
 
