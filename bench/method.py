@@ -8,8 +8,9 @@ and the controls that separate "cascade" from "more steps": ``repeat`` (Teacher 
 bottom-up's compute, no TA) and the step-matched baselines (TinyLLaVA's FT and LLaVA-KD's DFT run
 for as many optimizer steps as CKD bottom-up). Every row shows its optimizer steps and teacher
 forward passes (cached targets consumed), accuracy per category as mean ± std over the seeds, and
-the capacity gap to the Teacher (``deploy.demo.gap_to_teacher``: n/a until issue 15.5's
-``measure_gap`` is wired in).
+the capacity gap to the Teacher of each strategy's final student (seed 0; ``deploy.demo.gap_to_teacher``:
+``ckd gap``'s text KL / visual KL / relation distance on the held-out slice), then each cascade's gap
+to every teacher of its chain before and after each stage.
 
 The seeds are the student trainer's (data order); data, model initialisations and the teachers are
 the demo's (seed 0). Everything runs through ``ckd ablate`` in ``--workdir`` (default the demo's:
