@@ -36,7 +36,8 @@ whose teachers, caches and seed 0 of the four paper strategies were reused; 819 
       single_steps_bottom_up_teacher_fwd=7584 wall_s=819
 
 Read with care: the tiny Teacher of this embedded task is itself weak (35 % average; it answers one
-constant per category except count, i.e. it does not read the image: issue 15.6 is not met), so the
+constant per category, i.e. it does not read the image; the TA reads only the count: issue 15.6 is
+not met), so the
 distilled students inherit little; the step-matched baseline (TinyLLaVA FT for CKD's 624 steps) is the
 best student here. Evaluation noise: 11.2 points per category, 5.0 on the average (n = 20 / 100).
 """
