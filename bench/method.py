@@ -8,8 +8,9 @@ and the controls that separate "cascade" from "more steps": ``repeat`` (Teacher 
 bottom-up's compute, no TA) and the step-matched baselines (TinyLLaVA's FT and LLaVA-KD's DFT run
 for as many optimizer steps as CKD bottom-up). Every row shows its optimizer steps and teacher
 forward passes (cached targets consumed), accuracy per category as mean ± std over the seeds, and
-the capacity gap to the Teacher (``deploy.demo.gap_to_teacher``: n/a until issue 15.5's
-``measure_gap`` is wired in).
+the capacity gap to the Teacher of each strategy's final student (seed 0; ``deploy.demo.gap_to_teacher``:
+``ckd gap``'s text KL / visual KL / relation distance on the held-out slice), then each cascade's gap
+to every teacher of its chain before and after each stage.
 
 The seeds are the student trainer's (data order); data, model initialisations and the teachers are
 the demo's (seed 0). Everything runs through ``ckd ablate`` in ``--workdir`` (default the demo's:
@@ -20,6 +21,25 @@ shared between strategies, e.g. ``repeat``'s first stage is ``single``'s). Re-ru
 
 Last line: ``RESULT seeds=N <strategy>_mean=... <strategy>_std=... ... wall_s=...`` (average accuracy
 over the categories, %; std over seeds, n/a for one seed).
+
+Measured on the shared 2-core CPU box (branch gapw, ``--seeds 2 --workdir`` = a finished ``make demo``,
+whose teachers, caches and seed 0 of the four paper strategies were reused; 819 s), as measured:
+
+    RESULT seeds=2 none_mean=0.00 none_std=0.00 none_steps=159 none_teacher_fwd=0 single_mean=20.00
+      single_std=1.41 single_steps=306 single_teacher_fwd=2544 bottom_up_mean=28.00
+      bottom_up_std=5.66 bottom_up_steps=612 bottom_up_teacher_fwd=5088 top_down_mean=21.00
+      top_down_std=0.00 top_down_steps=612 top_down_teacher_fwd=5088 repeat_mean=22.50
+      repeat_std=2.12 repeat_steps=612 repeat_teacher_fwd=5088 none_steps_bottom_up_mean=43.50
+      none_steps_bottom_up_std=9.19 none_steps_bottom_up_steps=624
+      none_steps_bottom_up_teacher_fwd=0 single_steps_bottom_up_mean=24.50
+      single_steps_bottom_up_std=0.71 single_steps_bottom_up_steps=621
+      single_steps_bottom_up_teacher_fwd=7584 wall_s=819
+
+Read with care: the tiny Teacher of this embedded task is itself weak (35 % average; it answers one
+constant per category, i.e. it does not read the image; the TA reads only the count: issue 15.6 is
+not met), so the
+distilled students inherit little; the step-matched baseline (TinyLLaVA FT for CKD's 624 steps) is the
+best student here. Evaluation noise: 11.2 points per category, 5.0 on the average (n = 20 / 100).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@
    trainer, training steps that are identical between strategies computed once;
 4. evaluate every model on the held-out questions and print a table like the paper's (method,
    teacher chain, optimizer steps, teacher forward passes, accuracy per question category, average),
-   the capacity-gap rows, a loss-curve PNG and a bar chart.
+   the capacity-gap rows (each final student's gap to the Teacher, and each cascade's gap to every
+   teacher of its chain before and after each stage), a loss-curve PNG and a bar chart.
 
 ``bench/method.py`` runs the same with the compute controls (``repeat``, step-matched baselines) for
 several seeds. Run: ``python -m deploy.demo [--workdir runs/demo]``. Re-running reuses everything
@@ -84,22 +85,21 @@ def method_label(point) -> str:
     return label
 
 
-def gap_to_teacher(model: str | Path, teacher_cache: str | Path) -> dict | None:
-    """The capacity gap of ``model`` to the teacher whose cache is ``teacher_cache`` (mean sparse divergence
-    on held-out cached samples: text KL, visual KL, relation distance), or None while it is unavailable.
+def gap_to_teacher(model: str | Path, cfg, teacher: str = DEMO_TEACHERS[-1]) -> dict:
+    """The capacity gap of ``model`` to ``teacher`` of the cascade config ``cfg`` (``student_trainer.gap``:
+    mean sparse divergence to the teacher's cache on the held-out slice of the data its DFT cache was
+    filled from, the DFT step's template and holdout), exactly as the cascades record it
+    (``deploy.cascade.gaps``). Read from the grid's gap store when a cascade measured it already, else
+    measured here and stored. ``{"error": ...}`` when it cannot be measured (e.g. an empty held-out slice)."""
+    from deploy.cascade.gaps import STORE, GapStore, gap_job, measured_step, stored_gap
+    from student_trainer.config import LLAVA_KD_STEPS
 
-    HOOK (issue 15.5): ``measure_gap`` is written in parallel by engineer "loss" (``ckd gap``); the lead
-    wires its import here at merge. Every gap row and column of the demo and of ``bench/method.py``
-    comes through this function."""
-    try:
-        from deploy.gap import measure_gap  # noqa: F401  (the expected home of `ckd gap`; adjust at merge)
-    except ImportError:
-        return None
-    return measure_gap(model=str(model), cache=str(teacher_cache))
+    job = gap_job(cfg, Path(cfg.cache_root) / teacher, measured_step(LLAVA_KD_STEPS), model, cfg.gap_max_samples)
+    return stored_gap(GapStore(Path(cfg.run_dir) / STORE), job)
 
 
 def _gap_text(gap: dict | None) -> str:
-    if gap is None:
+    if gap is None or "error" in gap:
         return "n/a"
     return " / ".join(f"{gap[k]:.3f}" for k in ("kl_text", "kl_vis", "rel") if k in gap)
 
@@ -140,6 +140,7 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print, seeds:
     from ckd_common.synth import synthesize
     from deploy.ablate import Ablation, Row, write_report
     from deploy.cascade import run_cascade
+    from deploy.cascade.gaps import CascadeGaps
 
     work = Path(workdir).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", CHILD_THREADS)  # inherited by every child the cascades start
@@ -170,16 +171,18 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print, seeds:
     stage(f"student: {', '.join(p.name for p in grid.points)} x seeds {grid.seeds} (one ckd ablate grid)")
     ablation = Ablation(grid, log=lambda m: stage(m.removeprefix("[ablate] ")) if m.startswith("[ablate] ") else None)
     students = ablation.execute()
-    teacher_cache = Path(grid.base.cache_root) / DEMO_TEACHERS[-1]
-    gaps = {"untrained student": gap_to_teacher(work / "models" / STUDENT_PRESET, teacher_cache)}
-    curves = {}
+    gaps = {"untrained student": gap_to_teacher(work / "models" / STUDENT_PRESET, grid.base)}
+    curves, along = {}, {}
     for point, row in zip(grid.points, students["rows"]):
         row.label = method_label(point)
-        stages = ablation.stages(grid.point_config(point, grid.seeds[0]))
+        pcfg = grid.point_config(point, grid.seeds[0])
+        stages = ablation.stages(pcfg)
         curves[row.label] = [stages[-1].step_out(s) for s in stages[-1].steps]
-        gaps[row.label] = gap_to_teacher(stages[-1].final, teacher_cache)
+        gaps[row.label] = gap_to_teacher(stages[-1].final, grid.base)
         row.extra["gap to Teacher"] = _gap_text(gaps[row.label])
         rows.append(row)
+        summary = Path(pcfg.run_dir) / "summary.json"
+        along[row.label] = CascadeGaps.lines(json.loads(summary.read_text()).get("gap")) if summary.is_file() else []
 
     png = work / "loss_curves.png"
     _loss_curves(curves, png)
@@ -191,9 +194,11 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print, seeds:
     log("\ncapacity gap to the Teacher (text KL / visual KL / relation distance on held-out cached samples; "
         "seed " + str(grid.seeds[0]) + "):")
     for label, gap in gaps.items():
-        log(f"  {label:<34} {_gap_text(gap)}")
-    if all(g is None for g in gaps.values()):
-        log("  (n/a: measure_gap of issue 15.5 is not wired in yet; see deploy.demo.gap_to_teacher)")
+        log(f"  {label:<34} {_gap_text(gap)}" + (f"  ({gap['error']})" if gap and "error" in gap else ""))
+    log("\ncapacity gap along each cascade (text KL to each teacher of its chain; seed " + str(grid.seeds[0]) + "):")
+    for label, lines in along.items():
+        for line in lines:
+            log(f"  {label:<34} {line}")
     log(f"\nloss curves: {png}\nresults: {report['md']} (plot {report['png']}); every run (configs, logs, "
         f"timelines, checkpoints) under {work / 'runs'}")
     seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@ through module fixtures, so any selection (-k) or order runs them."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,8 +20,13 @@ from ckd_common.config import ConfigError, from_args, to_argv
 from deploy.cascade import STRATEGIES, CascadeConfig, CascadeError, plan, teacher_chain
 from proctree import alive, descendants
 
-STEPS = {s: {"lr": 1.0e-3, "global_batch": 8, "micro_batch": 4, "max_steps": 2}
+# holdout 0.3: ~4 of the 12 instruction samples are never trained on (the gap's held-out slice; which
+# ones: a hash of the sample key), the rest are: two steps of 4. No warm-up: with two steps the first
+# would have lr 0. DFT is pure KD (alpha 0) at a larger lr, as in test_gap: the distilled student
+# measurably closer to its teacher, which the cascade's gap records must show.
+STEPS = {s: {"lr": 1.0e-3, "global_batch": 4, "micro_batch": 4, "max_steps": 2, "warmup_ratio": 0.0, "holdout": 0.3}
          for s in ("pt", "ft", "dpt", "sft", "dft")}
+STEPS["dft"].update(lr=3.0e-3, alpha=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -208,12 +214,56 @@ def test_bottom_up_end_to_end_then_rerun_is_a_no_op(env, bottom_up_run):
     summary = json.loads((env / "runs" / "bu" / "summary.json").read_text())
     assert summary["eval"]["bench"] == "synth" and 0 <= summary["eval"]["score"] <= 100
 
-    # re-running a finished cascade only reports
+    # re-running a finished cascade only reports (the gaps too: read from its store, not measured again)
     r = _ckd("cascade", str(_config(env, "bu", "bottom-up")), cwd=env)
     assert r.returncode == 0, r.stderr[-3000:]
     new = _events(env, "bu")[len(ev):]
     assert all(e["status"] == "reused" and e["kind"] in ("prepare", "fill") for e in new), new
     assert "already finished" in r.stdout
+    assert json.loads((env / "runs" / "bu" / "summary.json").read_text())["gap"] == summary["gap"]
+    assert [ln for ln in r.stdout.splitlines() if "gap to " in ln] == [
+        ln for ln in bottom_up_run[0].stdout.splitlines() if "gap to " in ln]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(CASCADES_S)
+def test_bottom_up_records_the_gap_to_every_teacher_before_and_after_each_stage(env, bottom_up_run):
+    """Issue 15.5: the student's capacity gap to the TA and to the Teacher, before stage 1 and after each
+    stage, from the teachers' caches (no server started for it), on the held-out slice; the trained
+    student is closer to the teacher it was distilled from than the untrained one."""
+    r, ev = bottom_up_run
+    gap = json.loads((env / "runs" / "bu" / "summary.json").read_text())["gap"]
+    # the gap's slice is the one every training step left out (the trainer counts it by the same rule)
+    held = {json.loads((env / "runs" / "bu" / "stages" / s / "dft" / "summary.json").read_text())["held_out"]
+            for s in ("s1-ta", "s2-teacher")}
+    assert len(held) == 1 and held != {0}
+    assert list(gap) == ["ta", "teacher"]
+    at = {}
+    for name, entry in gap.items():
+        assert entry["cache"].endswith(f"cache/{name}") and entry["template"] == "qwen2_base"
+        assert entry["holdout"] == 0.3 and entry["data"].endswith("instruct.json")
+        assert [p["at"] for p in entry["points"]] == ["before stage 1", "after stage 1", "after stage 2"]
+        for p in entry["points"]:
+            assert "error" not in p, p
+            assert {p["samples"]} == held and p["missing_targets"] == 0
+            assert all(math.isfinite(p[t]) and p[t] >= 0 for t in ("kl_text", "kl_vis", "rel", "ce")), p
+        at[name] = {p["at"]: p for p in entry["points"]}
+    for name in ("ta", "teacher"):  # the untrained student, whichever cascade measured it
+        assert at[name]["before stage 1"]["model"] == str(env / "models" / "tiny-student")
+    # the trained student is closer to the teacher it was just distilled from than the untrained one
+    assert at["ta"]["after stage 1"]["kl_text"] < at["ta"]["before stage 1"]["kl_text"]
+    assert at["teacher"]["after stage 2"]["kl_text"] < at["teacher"]["before stage 1"]["kl_text"]
+    # measured once per (checkpoint, teacher), lazily, in children on the training device
+    measured = [e for e in ev if e["kind"] == "gap"]
+    assert measured and sum(e["pairs"] for e in measured) == 2 * 3
+    assert all(e["devices"] == ["cpu:1"] for e in measured)
+    assert [e["status"] for e in ev if e["kind"] == "fill"] == ["done", "done"]  # one fill per teacher, nothing more
+    for t in ("ta", "teacher"):
+        assert (env / "runs" / "bu" / "logs" / f"server-{t}-0.log").read_text().count("Application startup") == 1
+    # the cascade's last lines
+    tail = r.stdout.strip().splitlines()[-2:]
+    assert [ln.split(":")[0] for ln in tail] == ["[cascade] gap to ta (kl_text)", "[cascade] gap to teacher (kl_text)"]
+    assert all(ln.count(" before stage 1") == 1 and ln.endswith(" after stage 2") for ln in tail), tail
 
 
 @pytest.mark.integration

@@ -20,6 +20,7 @@ from deploy.ablate.config import AblateConfig, Point
 from deploy.ablate.report import Row, write_report
 from deploy.cascade.caches import CacheCheck, model_files_key
 from deploy.cascade.config import CascadeConfig
+from deploy.cascade.gaps import STORE as GAP_STORE
 from deploy.cascade.plan import Stage, chain, place_steps, plan
 from deploy.cascade.run import Cascade
 from deploy.cascade.supervise import Children
@@ -73,6 +74,7 @@ class Ablation:
         self.log(f"[ablate] {point.name} seed {seed}: {pcfg.strategy} -> {pdir}")
         cascade = Cascade(pcfg, lambda m: self.log(f"  {m}"), self.children)
         cascade.caches = self.caches
+        cascade.gap_store = self.run / GAP_STORE  # one store for the grid: a shared checkpoint is measured once
         return cascade.execute(self.stages(pcfg))
 
     def execute(self, title: str | None = None) -> dict:

@@ -11,6 +11,7 @@ Modules, one job each:
   plan       the strategies and the stages they run (the one owner of the strategies)
   supervise  child processes, and the signals that stop them all
   caches     is a teacher's cache complete? (prepared data and teacher fingerprints memoised per run)
+  gaps       the student's capacity gap to every chain teacher, before and after each stage
   run        the orchestration: fills, training steps, eval, timeline and summary
 """
 from deploy.cascade.config import CascadeConfig, TeacherSpec

@@ -18,6 +18,9 @@ from deploy.cascade.plan import STRATEGIES, plan
 from logit_cache.meta import DEFAULT_VALUE_ENCODING, VALUE_ENCODINGS
 from student_trainer.config import STEPS, TEACHER_GROUP, TrainConfig
 
+# held-out samples per gap measurement: a few seconds of a 0.5B student's forwards on a GPU, plenty
+# for a mean divergence (its standard error shrinks as 1/sqrt(n) and each sample has many positions)
+DEFAULT_GAP_SAMPLES = 256
 # TrainConfig fields the cascade sets itself (paths, devices, resumption, quiet output); every other
 # option of the trainer can be overridden per step.
 CASCADE_SETS = ("step", "model", "data", "out", "images", "cache", "teacher_fingerprint", "zero_stage", "resume",
@@ -56,6 +59,8 @@ class CascadeConfig(CommandConfig):
     server_args: list[str] = field(default_factory=list)
     fill_args: list[str] = field(default_factory=list)
     eval_batch_size: int = 16
+    gap: bool = True                          # record the student's gap to each chain teacher (deploy.cascade.gaps)
+    gap_max_samples: int | None = DEFAULT_GAP_SAMPLES  # held-out samples per gap measurement (None: all)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> CascadeConfig:
@@ -75,7 +80,7 @@ class CascadeConfig(CommandConfig):
         """Nested YAML layout -> flat config. Relative paths resolve against ``base`` (the YAML's folder)."""
         problems = []
         known = {"run_dir", "strategy", "student", "teachers", "train", "data", "cache", "overlap", "server",
-                 "fill", "eval"}
+                 "fill", "eval", "gap"}
         unknown = sorted(set(raw) - known)
         if unknown:
             problems.append(f"unknown top-level keys {unknown}; known: {sorted(known)}")
@@ -96,6 +101,12 @@ class CascadeConfig(CommandConfig):
         student = raw.get("student")
         if isinstance(student, dict):
             student = student.get("model")
+        gap = raw.get("gap", True)
+        if isinstance(gap, bool):
+            gap = {"enabled": gap}
+        if not isinstance(gap, dict) or set(gap) - {"enabled", "max_samples"}:
+            problems.append(f"gap must be true/false or {{enabled: bool, max_samples: N or null}}, got {gap!r}")
+            gap = {}
         steps = train.get("steps") or {}
         if not isinstance(steps, dict) or not all(isinstance(v or {}, dict) for v in steps.values()):
             problems.append("train.steps must map step names to option mappings, e.g. {dpt: {micro_batch: 8}}")
@@ -112,6 +123,9 @@ class CascadeConfig(CommandConfig):
             server_args=[str(a) for a in (raw.get("server") or {}).get("args", [])],
             fill_args=[str(a) for a in (raw.get("fill") or {}).get("args", [])],
             eval_batch_size=int((raw.get("eval") or {}).get("batch_size", 16)),
+            gap=bool(gap.get("enabled", True)),
+            gap_max_samples=(None if gap.get("max_samples", DEFAULT_GAP_SAMPLES) is None
+                             else int(gap.get("max_samples", DEFAULT_GAP_SAMPLES))),
         )
 
     # -- what the stages need ------------------------------------------------------------------
@@ -166,6 +180,8 @@ class CascadeConfig(CommandConfig):
             out.append(f"cache.k must be >= 1, got {self.k}")
         if self.encoding not in VALUE_ENCODINGS:
             out.append(f"cache.encoding must be one of {VALUE_ENCODINGS}, got {self.encoding!r}")
+        if self.gap_max_samples is not None and self.gap_max_samples < 1:
+            out.append(f"gap.max_samples must be >= 1 (or null: every held-out sample), got {self.gap_max_samples}")
         if not 0 <= self.zero_stage <= 3:
             out.append(f"train.zero_stage must be 0..3, got {self.zero_stage}")
         out += self._override_problems()

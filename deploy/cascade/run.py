@@ -1,7 +1,9 @@
 """Running a cascade: first prepare each data split once (``ckd data prepare``, or reuse the current
 prepared dataset; every fill and trainer step then opens that directory), then for every stage of
 the plan make sure the teacher's cache is complete (reuse it, or start the teacher's servers, fill
-it, stop them), then run the trainer's steps; finally evaluate the last stage's student. Later
+it, stop them), then run the trainer's steps; finally evaluate the last stage's student. Before the
+first stage and after each one it records the student's capacity gap to every teacher of the chain
+whose cache is complete (``deploy.cascade.gaps``; summary.json and the last lines). Later
 stages' caches do not depend on the student, so with disjoint teacher/training devices they are
 filled while the current stage trains (``overlap``).
 
@@ -21,6 +23,8 @@ from ckd_common.config import to_argv
 from deploy.cascade.caches import CacheCheck
 from deploy.cascade.compute import measured
 from deploy.cascade.config import CascadeConfig
+from deploy.cascade.gaps import STORE as GAP_STORE
+from deploy.cascade.gaps import CascadeGaps
 from deploy.cascade.plan import Stage, Teacher, chain, plan
 from deploy.cascade.supervise import CascadeError, Children, Stopped, stop_gracefully
 from student_trainer.config import STEPS
@@ -70,6 +74,7 @@ class Cascade:
         self.timeline: Timeline | None = None
         self._fill_lock = threading.Lock()  # one fill at a time per teacher device set
         self.prepared: dict[tuple[str, str, int], object] = {}  # (split, template, max_length) -> PreparedData
+        self.gap_store = self.run / GAP_STORE  # ``ckd ablate`` points share one (deploy.cascade.gaps)
 
     # -- data: each split prepared once per run, before any fill or training step ---------------
 
@@ -281,6 +286,7 @@ class Cascade:
         t0 = time.time()
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill")
         pending: dict[str, cf.Future] = {}
+        gaps = CascadeGaps(self, stages, self.gap_store, *_device_env(self.cfg.train_devices))
         try:
             self.prepare_data(stages)
             for i, stage in enumerate(stages):
@@ -295,9 +301,13 @@ class Cascade:
                     t = later.teacher
                     if self._overlappable(t) and t.name not in pending:
                         pending[t.name] = pool.submit(self.fill, t, later.cache_needs)
+                if i == 0:
+                    gaps.measure(0, busy=pending)
                 self.train_stage(stage)
+                gaps.measure(i + 1, busy=pending)
             for fut in pending.values():
                 fut.result()
+            gaps.measure(len(stages))  # every cache is complete now: whatever was left
             result = self.evaluate(stages[-1])
         except BaseException:
             self.children.stop()  # no new child starts from here on, in any thread
@@ -309,9 +319,11 @@ class Cascade:
         compute = measured(stages)
         summary = {"strategy": self.cfg.strategy, "stages": [s.id for s in stages], "final": stages[-1].final,
                    "teacher_chain": chain(stages), "wall_s": round(time.time() - t0, 1), "eval": result,
-                   **compute.to_dict()}
+                   **compute.to_dict(), "gap": gaps.summary()}
         _write_json(self.run / "summary.json", summary)
         self.log(f"[cascade] done in {summary['wall_s']} s ({compute.describe()}); final student {summary['final']}")
+        for line in CascadeGaps.lines(summary["gap"]):
+            self.log(f"[cascade] {line}")
         return summary
 
 
