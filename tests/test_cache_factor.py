@@ -79,7 +79,7 @@ def test_teacher_like_factor_meets_its_bound():
 def test_factored_relation_term_equals_dense(variant, nv, d):
     torch.manual_seed(nv * d)
     h = torch.randn(nv, d, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(30, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, d, dtype=torch.float64, requires_grad=True)  # V > d: G = W^T W of full rank
     u = torch.randn(nv, 3, dtype=torch.float64)
     fact = rel_loss_factored(h, lm_head_gram(w), u, variant)
     dense = rel_loss(gram_autocorr(h, w), u @ u.T, variant)
