@@ -36,9 +36,14 @@ from student_trainer.feedback import CURVE, SUMMARY, Feedback, plot_curve, read_
 def setup_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); a plain
     ``python -m student_trainer`` becomes a one-rank job. Returns (rank, world_size)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not launched:
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            raise TrainerError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but MASTER_ADDR/MASTER_PORT are not set: "
+                               "launch several ranks with torchrun (or deepspeed), which sets them")
         # One rank: an in-process store. A TCP store on a probed "free" port races with every other
-        # process on the machine that binds a port between the probe and the store's listen.
+        # process on the machine that binds a port between the probe and the store's listen. (RANK and
+        # WORLD_SIZE alone may be inherited from a parent that ran a one-rank job in-process.)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
