@@ -21,17 +21,27 @@ On a 24 GiB CPU machine run it alone (10-20 GB at its peaks), e.g. under a share
 ``--memory-table``. ``--device cuda`` serves and trains on GPU 0 in bf16. ``--shapes tiny`` is a
 one-minute smoke run of this script on the tiny presets (its numbers mean nothing).
 
-``rel_err``: the relation-loss error the cache's stored image target costs. Format v1 stores the
-dense R/||R||_F triangle (float16), not a factorisation, so it is reported as 0 (float16 rounding
-only) until a compact format lands. A random-initialised teacher's targets also compress far better
-than a trained one's (docs/environment.md §4): the image bytes here are a lower bound.
+``rel_err``: the relation-loss error the cache's stored image target costs (format 2 stores the
+autocorrelation as an int8 low-rank factor with its captured share, logit_cache/FORMAT.md §5). After the
+fill, with the server stopped, a child (bench/_stored_target_error.py) recomputes the dense R/||R||_F of
+every filled image sample with the TA in-process (TeacherRunner autocorr="dense", the oracle the factor is
+made from; its visual top-k is checked against the stored one) and compares the relation term
+``1 - cos(R_S, R_T)`` from the stored factor with the one from the dense R, through
+``ckd_common.kd.relation.relation_loss`` (what the trainer's fused loss calls), for the 0.5B student's own
+hidden states on the same image and its lm_head Gram (also a Gaussian H_S: ``rel_err_random``), both
+relation variants; ``rel_err`` is the max over samples and variants of |delta (1 - cos)|, ``rel_grad_err``
+the max relative error of its gradient (w.r.t. H_S and G). A random-initialised teacher's R is far
+simpler than a trained one's (docs/environment.md §4): its factor needs a low rank, so the image bytes
+here are a lower bound and the error is not a trained teacher's (bench/cache_io.py measures both on
+teacher-like distributions).
 
 Last line: ``RESULT image_sample_kib=… text_position_bytes=… rel_err=… prepare_samples_per_s=…
-fill_s_per_sample=… train_s_per_step=… train_peak_rss_gib=…``
+fill_s_per_sample=… train_s_per_step=… train_peak_rss_gib=…`` then ``rel_grad_err=… rel_err_random=…``
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -62,6 +72,30 @@ def build_models(shapes: str, strategy: str, workdir: Path, env: dict) -> tuple[
                                 strategy), workdir / "logs" / "build-models.log", env).check("building the models")
     print(f"models: built in {m.seconds:.0f}s (peak RSS {m.peak_rss_gib:.1f} GiB): {student}, {teacher}")
     return student, teacher
+
+
+def stored_target_error(teacher: Path, student: Path, cache: Path, data: dict, log: Path, env: dict) -> dict:
+    """The relation-loss error of the cache's stored image targets against the TA's dense R (module
+    docstring), measured in a child (bench/_stored_target_error.py): the TA, then the student, in-process."""
+    splits = [f"{data[split]}:{data['images']}:{template}" for split, template in (("pretrain", "pretrain"),
+                                                                                  ("instruct", "qwen2_base"))]
+    m = P.run_measured(P.python(str(Path(__file__).with_name("_stored_target_error.py")), str(teacher), str(student),
+                                str(cache), *splits), log, env).check("measuring the stored targets' error")
+    rel = json.loads(m.last_line())
+    print(f"stored image targets vs the TA's dense R ({rel['samples']} image samples; {m.seconds:.0f}s, peak RSS "
+          f"{m.peak_rss_gib:.1f} GiB):")
+    print(f"  {'sample':<12} {'rank':>4} {'share stored':>12} {'vs dense R':>10} {'top-k ids =':>11}   "
+          f"|d(1-cos)| flat / column, grad err (student's own H_S) | the same, Gaussian H_S")
+    for r in rel["rows"]:
+        own, rnd = r["own"], r["random"]
+        print(f"  {r['key'][:12]:<12} {r['rank']:>4} {r['stored_share']:>12.6f} {r['share_vs_dense']:>10.6f} "
+              f"{r['visual_ids_equal']:>11.3f}   {own['flat']['err']:.1e} / {own['column']['err']:.1e}, "
+              f"{max(own['flat']['grad_err'], own['column']['grad_err']):.1e} (1-cos {own['flat']['loss_dense']:.3f})"
+              f" | {rnd['flat']['err']:.1e} / {rnd['column']['err']:.1e}, "
+              f"{max(rnd['flat']['grad_err'], rnd['column']['grad_err']):.1e}")
+    print(f"rel_err {rel['rel_err']:.2e} (max |d(1-cos)| over samples and variants, the student's own H_S), gradient "
+          f"{rel['rel_grad_err']:.2e}; Gaussian H_S {rel['rel_err_random']:.2e}, gradient {rel['rel_grad_err_random']:.2e}")
+    return rel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fill: {fill_s:.1f} s/sample over both splits (server forward {fill_fwd / n_filled:.1f}, "
               f"the rest {(fill_wall - fill_fwd) / n_filled:.1f})")
 
+        # -- 2b. the stored image target's relation-loss error (the server is stopped: memory) -------
+        rel = stored_target_error(teacher, student, cache, data, logs / "stored-target-error.log", env_serve)
+
         # -- 3. bytes by array ---------------------------------------------------------------------
         groups = P.cache_bytes(cache, env_serve)
         image_bytes = text_bytes = index_bytes = 0
@@ -163,9 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         image_kib = image_bytes / max(1, image_samples) / 1024
         text_pos_b = text_bytes / max(1, text_positions)
         print(f"cache: {image_kib:.1f} KiB per image sample (image arrays), {text_pos_b:.1f} B per text position, "
-              f"{index_bytes / max(1, samples):.0f} B per sample of keys/offsets; rel_err 0: format v1 stores the "
-              f"dense float16 triangle (no factorisation error); a random teacher's targets compress unrealistically "
-              f"well, so the image bytes are a lower bound")
+              f"{index_bytes / max(1, samples):.0f} B per sample of keys/offsets; a random teacher's targets "
+              f"compress unrealistically well (a low-rank R), so the image bytes are a lower bound")
 
         # -- 4. train ----------------------------------------------------------------------------
         results = {}
@@ -202,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {mb} | {gc} | {s:.1f} | {rss:.2f} |")
         print(f"whole rehearsal: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}")
         dft_s, dft_rss = results["dft"]
-        print(f"RESULT image_sample_kib={image_kib:.1f} text_position_bytes={text_pos_b:.1f} rel_err=0 "
-              f"prepare_samples_per_s={prepare_rate:.1f} fill_s_per_sample={fill_s:.2f} "
-              f"train_s_per_step={dft_s:.1f} train_peak_rss_gib={dft_rss:.2f}")
+        print(f"RESULT image_sample_kib={image_kib:.1f} text_position_bytes={text_pos_b:.1f} "
+              f"rel_err={rel['rel_err']:.2e} prepare_samples_per_s={prepare_rate:.1f} fill_s_per_sample={fill_s:.2f} "
+              f"train_s_per_step={dft_s:.1f} train_peak_rss_gib={dft_rss:.2f} "
+              f"rel_grad_err={rel['rel_grad_err']:.2e} rel_err_random={rel['rel_err_random']:.2e}")
         return 0 if dft_s == dft_s else 1
     except P.ProbeError as e:
         print(f"real_shapes: {e}", file=sys.stderr)
