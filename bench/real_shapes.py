@@ -6,7 +6,8 @@ full``), vocabulary 151,936, the real Qwen2 tokenizer (tests/fixtures) — and L
 640x480 JPEGs (~150 KB, LLaVA-Pretrain captions and LLaVA-665k multi-round instructions of ~1,100
 tokens). Then, each as a child process (deploy/selftest_pipeline.py):
 
-1. ``ckd data prepare`` of each split (a larger copy of the data, for a samples/s figure);
+1. ``ckd data prepare`` of each split (a larger copy of the data, for a samples/s figure: the build's
+   rate from the command's report, start-up excluded; bench/prepare.py measures it properly);
 2. ``teacher_server serve`` of the 1.5B TA; ``logit_cache fill`` of a few samples of each split, the
    server's forward time (its /metrics) separated from the rest;
 3. the cache's stored bytes by array, per image sample and per text position;
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="patch", choices=["patch", "full"], help="patch: 728 visual tokens, full: 729")
     ap.add_argument("--captions", type=int, default=2, help="caption samples filled and trained on (DPT)")
     ap.add_argument("--instructions", type=int, default=2, help="instruction samples filled and trained on (DFT)")
-    ap.add_argument("--prepare-samples", type=int, default=128, help="samples per split for the prepare rate")
+    ap.add_argument("--prepare-samples", type=int, default=512, help="samples per split for the prepare rate")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--memory-table", action="store_true",
@@ -142,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         times = []
         for split, template in (("pretrain", "pretrain"), ("instruct", "qwen2_base")):
             m, rate = P.prepare(student, big[split], big["images"], template, logs / f"prepare-{split}.log", env_serve)
-            if rate is None:  # no progress bar found: the whole command, start-up included
+            if rate is None:  # no report line or rate found: the whole command, start-up included
                 rate = a.prepare_samples / m.seconds
                 print(f"prepare {split}: no rate printed; {rate:.1f} samples/s including start-up")
             times.append(a.prepare_samples / rate)
-            print(f"prepare {split}: {rate:.1f} samples/s ({m.seconds:.1f}s for the command, start-up included; "
-                  f"peak RSS {m.peak_rss_gib:.1f} GiB)")
+            print(f"prepare {split}: {rate:.1f} samples/s (the build, as its report says; {m.seconds:.1f}s for the "
+                  f"command, start-up included; peak RSS {m.peak_rss_gib:.1f} GiB)")
         prepare_rate = 2 * a.prepare_samples / sum(times)
 
         # -- 2. serve + fill -------------------------------------------------------------------------
