@@ -36,6 +36,34 @@ simpler than a trained one's (docs/environment.md §4): its factor needs a low r
 here are a lower bound and the error is not a trained teacher's (bench/cache_io.py measures both on
 teacher-like distributions).
 
+Measured 2026-12-01 18:25-18:53 UTC on the shared 2-core / 24 GiB CPU box, alone under the heavy lock
+(load average 2.7 at the start, 1.9 at the end: other engineers' light jobs), ``--device cpu --memory-table``
+(1,654 s in all):
+RESULT image_sample_kib=122.4 text_position_bytes=174.5 rel_err=1.10e-05 prepare_samples_per_s=14.3
+fill_s_per_sample=69.71 train_s_per_step=168.8 train_peak_rss_gib=15.74 rel_grad_err=3.38e-01
+rel_err_random=1.90e-03
+  - prepare_samples_per_s=14.3 in that run is the old fallback (128 samples per split over the whole command,
+    start-up included: a progress bar written to a log prints no rate); the builds' own report lines in
+    the same run say 711 (captions) and 284 (instructions) records/s, 406 samples/s together (1 worker, 128
+    samples: coarse). The script now reads the report line; bench/prepare.py measures preparation properly.
+  - image bytes: visual ids 88 + high bits 8 + values 22 KiB, the factor 3-5 KiB (rank 4-7 on this random
+    teacher, share >= 0.9999; a trained teacher needs ~10-80 columns, ~0.7 KiB each: bench/cache_io.py).
+  - rel_err: the student's own H_S is nearly aligned with the TA's R (1 - cos <= 1e-3 for two random models
+    whose R is dominated by the component all visual tokens share), so its gradient is tiny and the
+    *relative* gradient error large (0.1-0.34); a Gaussian H_S (1 - cos ~0.97) gives |d(1-cos)| 1.3-1.9e-3,
+    gradient error 0.8-1.0e-2. Every stored share equals the share measured against the dense R to 3e-8 and
+    the stored visual top-k ids equal the in-process teacher's.
+  - fill: the server's forward is 95 % of it (47 s per caption sample, 92 s per ~1,100-token instruction);
+    train_s_per_step: DFT micro-batch 2, checkpointing on (the default); timings vary +-30 % with the
+    machine's other load (the memory table's micro-batch 2 without checkpointing ran at 81 s).
+  DFT step, one rank, ZeRO-2, fp32 (the memory table; peak RSS of the trainer process):
+  | micro-batch | gradient checkpointing | s/step | peak RSS (GiB) |
+  |---|---|---|---|
+  | 1 | on | 103.8 | 15.74 |
+  | 1 | off | 107.4 | 18.01 |
+  | 2 | on | 132.5 | 15.84 |
+  | 2 | off | 81.3 | 17.28 |
+
 Last line: ``RESULT image_sample_kib=… text_position_bytes=… rel_err=… prepare_samples_per_s=…
 fill_s_per_sample=… train_s_per_step=… train_peak_rss_gib=…`` then ``rel_grad_err=… rel_err_random=…``
 """
