@@ -18,8 +18,8 @@ tokens). Then, each as a child process (deploy/selftest_pipeline.py):
     python bench/real_shapes.py [--device cpu|cuda] [--memory-table] [--workdir DIR]
 
 On a 24 GiB CPU machine run it alone (10-20 GB at its peaks), e.g. under a shared lock
-(``flock LOCKFILE python bench/real_shapes.py``); ~10 minutes on 2 cores, +~15 with
-``--memory-table``. ``--device cuda`` serves and trains on GPU 0 in bf16. ``--shapes tiny`` is a
+(``flock LOCKFILE python bench/real_shapes.py``); ~18 minutes on 2 cores (6 of them the stored-target
+error's two in-process models), +~10 with ``--memory-table``. ``--device cuda`` serves and trains on GPU 0 in bf16. ``--shapes tiny`` is a
 one-minute smoke run of this script on the tiny presets (its numbers mean nothing).
 
 ``rel_err``: the relation-loss error the cache's stored image target costs (format 2 stores the
