@@ -210,11 +210,20 @@ def start_server(model: Path, device: str, workdir: Path, env: dict, *extra: str
 # the commands
 def prepare(model: Path, data: Path, images: Path, template: str, log: Path, env: dict,
             timeout_s: float | None = None) -> tuple[Measured, float | None]:
-    """``ckd data prepare``; returns the run and the samples/s its progress bar reported (None if none)."""
+    """``ckd data prepare``; returns the run and the build's records/s (its report line, else the last rate
+    its progress bar printed; None if neither: a bar written to a file prints no rate)."""
     m = run_measured(python("-m", "ckd_common", "data", "prepare", "--model", str(model), "--data", str(data),
                             "--images", str(images), "--template", template), log, env,
                      timeout_s).check(f"ckd data prepare {data}")
-    return m, progress_rate(m.log.read_text(errors="replace"))
+    text = m.log.read_text(errors="replace")
+    return m, build_rate(text) or progress_rate(text)
+
+
+def build_rate(text: str) -> float | None:
+    """Records/s of the build in ``ckd data prepare``'s report (``(N records in S s with W worker(s)``):
+    the preparation alone, without the command's start-up."""
+    m = re.search(r"\((\d+) records in ([0-9.]+) s with", text)
+    return int(m.group(1)) / float(m.group(2)) if m and float(m.group(2)) > 0 else None
 
 
 def progress_rate(text: str) -> float | None:

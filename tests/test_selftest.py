@@ -72,3 +72,24 @@ def test_config_reports_every_problem_at_once():
     for needle in ("device 'gpu0': use cpu, cuda or cuda:N", "device 'tpu'", "one rank", "lists a device twice",
                    "timeout-s must be positive"):
         assert needle in msg, needle
+
+
+def test_prepare_rate_is_read_from_the_report_not_the_command_time():
+    """The rehearsal's prepare rate is the build's (``ckd data prepare``'s report line, as prepare_report
+    writes it); a progress bar written to a log prints no rate, and the command's wall time is mostly
+    start-up."""
+    from ckd_common.cli import prepare_report
+    from deploy.selftest_pipeline import build_rate, progress_rate
+
+    class Prepared:  # what prepare_report reads of a PreparedData
+        manifest = {"tokens": 9, "response_positions": 3, "records": 128, "seconds": 0.5, "workers": 2}
+        template, fingerprint, path, skipped, notes, warnings = "pretrain", "f" * 32, "/p", {}, {}, []
+
+        def __len__(self) -> int:
+            return 128
+
+    report = prepare_report(Prepared())
+    bar = "prepare x.json [pretrain]: 100%|██████████| , 128 samples, 0 skipped [00:00<00:00]\n"
+    assert build_rate(bar + report) == 256.0
+    assert build_rate(bar) is None and progress_rate(bar) is None
+    assert progress_rate("[00:02<00:00, 61.5sample/s]") == 61.5
