@@ -38,7 +38,7 @@ test-integration: venv
 	$(PY) -m pytest -q -m integration --durations=25 $(PYTEST_ARGS)
 
 bench: venv
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
