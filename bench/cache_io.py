@@ -26,8 +26,16 @@ Measured:
 
     .venv/bin/python bench/cache_io.py [--per-config 4] [--text-samples 48] [--index-keys 1000000]
 
-Measured 2026-12-01 on the shared 2-core box (see the RESULT line at the end of a run; the numbers
-are quoted in the closing report and logit_cache/FORMAT.md §5).
+Measured 2026-12-01 19:42-19:52 UTC on the shared 2-core box (beside a full test run), defaults:
+bytes per image sample (format 2, k = 64, q8, fill clevel 3) 99 KiB typical, 140 KiB at most (hard
+profile, rank cap 80), format 1 472 KiB; relation-loss error |d(1-cos)| of the stored factor, max over
+samples, students and both variants: easy <= 2.2e-4, typical <= 2.9e-4, noisy <= 5.1e-4, hard (every
+sample at the rank cap 80, share 0.9992-0.9997) 1.2e-3 to 1.9e-3; gradient error 0.8-2.7e-2:
+RESULT image_sample_kib=140.1 image_sample_kib_v1=471.6 image_sample_kib_typical=99.0
+image_sample_kib_compacted=96.4 writer_ms_per_image=4.6 image_sample_kib_rank_cap=142.0
+rel_err=1.94e-03 rel_grad_err=2.72e-02 share_min=0.999182 kl_err_nats=6.30e-05
+bytes_per_position=122.1 rand_read_samples_per_s=227 verify_h_per_1m_images=0.73
+v1_open_check_h_per_1m_images=1.18 index_open_s_1m=1.14
 """
 from __future__ import annotations
 
