@@ -55,11 +55,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckd_common.kd import rel_loss  # noqa: E402
-from ckd_common.kd.relation import FactorTarget, factor_autocorr, factor_to_numpy, relation_loss  # noqa: E402
+from ckd_common.kd.relation import (FactorTarget, factor_autocorr, factor_to_numpy, relation_loss,  # noqa: E402
+                                    relation_target)
 from ckd_common.kd.terms import gram_autocorr  # noqa: E402
 from ckd_common.targets import SampleTargets, SparseTopK  # noqa: E402
 from ckd_common.templates import QWEN2_BASE  # noqa: E402
-from logit_cache import TARGET_KINDS, CacheMeta, CacheReader, open_group, verify_segments  # noqa: E402
+from logit_cache import FORMAT_VERSION, TARGET_KINDS, CacheMeta, CacheReader, open_group, verify_segments  # noqa: E402
 from logit_cache.encoding import encode_q8, pack_autocorr  # noqa: E402
 from logit_cache.maintenance import verify  # noqa: E402
 from logit_cache.synthetic import (AUTOCORR_PROFILES, TeacherLikeModel, image_regions, random_key,  # noqa: E402
@@ -102,11 +103,13 @@ class Student:
         return (lam * base * (np.linalg.norm(own) / np.linalg.norm(base)) + (1 - lam) * own).astype(np.float32)
 
 
-def relation_errors(r_dense: np.ndarray, u: np.ndarray, students) -> list[dict]:
-    """|delta(1-cos)| and gradient errors of the factored term vs the dense one, per student and variant."""
+def relation_errors(r_dense: np.ndarray, f, students) -> list[dict]:
+    """|delta(1-cos)| and gradient errors of the factored term (tail-corrected, as the trainer computes
+    it) vs the dense one, per student and variant; err_uncorrected: without the tail trace."""
     out = []
     r_t = torch.from_numpy(r_dense)
-    target = FactorTarget(torch.from_numpy(u))
+    target = relation_target(f)
+    plain = FactorTarget(target.u)
     for h_s, g_s in students:
         for variant in ("flat", "column"):
             res = []
@@ -120,8 +123,9 @@ def relation_errors(r_dense: np.ndarray, u: np.ndarray, students) -> list[dict]:
             (l0, gh0, gg0), (l1, gh1, gg1) = res
             with torch.no_grad():
                 cos = 1 - float(rel_loss(gram_autocorr(torch.from_numpy(h_s), gram=torch.from_numpy(g_s)), r_t, variant))
+                l2 = float(relation_loss(torch.from_numpy(h_s), torch.from_numpy(g_s), plain, variant))
             rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
-            out.append({"variant": variant, "cos": cos, "err": abs(l1 - l0),
+            out.append({"variant": variant, "cos": cos, "err": abs(l1 - l0), "err_uncorrected": abs(l2 - l0),
                         "grad_err": max(rel(gh1, gh0), rel(gg1, gg0))})
     return out
 
@@ -141,12 +145,13 @@ def make_image_samples(cfgs, per_config: int, vocab: int, k: int, seed: int):
             regions = image_regions(nv, rng, profile)
             h = teacher.hidden(nv, rng, regions)
             images.append((h, regions, teacher.autocorr(h)))
-        codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(np.stack([r for *_, r in images]))))
+        codes, scale, rank, share, tail = (t.numpy() for t in factor_autocorr(
+            torch.from_numpy(np.stack([r for *_, r in images]))))
         rows = []
         for j, (h, regions, r) in enumerate(images):
-            f = factor_to_numpy(codes[j], scale[j], rank[j], share[j])
+            f = factor_to_numpy(codes[j], scale[j], rank[j], share[j], tail[j])
             g_s = student.model.gram.astype(np.float32)
-            errs = relation_errors(r, f.factor(), [(student.hidden(h, regions, lam, rng), g_s) for lam in LAMBDAS])
+            errs = relation_errors(r, f, [(student.hidden(h, regions, lam, rng), g_s) for lam in LAMBDAS])
             text = SparseTopK(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
             s = SampleTargets(random_key(len(out) * 1000 + j, "bench-img"), text, take(vis, vi, nv), f)
             vi += nv
@@ -154,7 +159,8 @@ def make_image_samples(cfgs, per_config: int, vocab: int, k: int, seed: int):
         out[(profile, d, nv)] = rows
         worst = max(e["err"] for _, _, es in rows for e in es)
         print(f"  {profile:8s} d={d:4d} Nv={nv}: rank {[int(x) for x in rank]} share min {share.min():.6f}  "
-              f"max |d(1-cos)| {worst:.1e}  ({time.process_time() - t0:.0f} s CPU)", flush=True)
+              f"max |d(1-cos)| {worst:.1e} (uncorrected {max(e['err_uncorrected'] for _, _, es in rows for e in es):.1e})  "
+              f"({time.process_time() - t0:.0f} s CPU)", flush=True)
     return out
 
 
@@ -164,17 +170,17 @@ def io_samples(cfg, n: int, vocab: int, k: int, seed: int = 11):
     rng = np.random.default_rng(seed)
     teacher = TeacherLikeModel(d, rng, profile)
     dense = np.stack([teacher.autocorr(teacher.hidden(nv, rng)) for _ in range(n)])
-    codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
+    codes, scale, rank, share, tail = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
     vis = topk_pool(n * nv, vocab, k, seed + 1)
     empty = SparseTopK(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
     out = [SampleTargets(random_key(i, "bench-io"), empty, take(vis, i * nv, nv),
-                         factor_to_numpy(codes[i], scale[i], rank[i], share[i])) for i in range(n)]
+                         factor_to_numpy(codes[i], scale[i], rank[i], share[i], tail[i])) for i in range(n)]
     return out, {s.key: r for s, r in zip(out, dense)}
 
 
 # ---------------------------------------------------------------------------------------------
 # writing: format 2 (the project's writer) and format 1 (an exact emulation of the old writer)
-def group_meta(vocab, k, nv, version=2) -> CacheMeta:
+def group_meta(vocab, k, nv, version=FORMAT_VERSION) -> CacheMeta:
     m = CacheMeta.for_group(dataset_fingerprint="bench", template=QWEN2_BASE, has_images=True, teacher_fingerprint="bench",
                             tokenizer_hash="bench", vocab_size=vocab, k=k, vision_strategy="full", num_visual_tokens=nv,
                             value_encoding="q8", target_kinds=TARGET_KINDS)
@@ -367,7 +373,8 @@ def main():
     t0 = time.perf_counter()
     if a.share is not None or a.max_rank is not None:
         import ckd_common.kd.relation as rel
-        rel.factor_autocorr.__defaults__ = (a.share or rel.DEFAULT_SHARE, a.max_rank or rel.DEFAULT_MAX_RANK)
+        rel.factor_autocorr.__defaults__ = (a.share or rel.DEFAULT_SHARE, a.max_rank or rel.DEFAULT_MAX_RANK,
+                                            rel.DEFAULT_HEAD_SHARE)
         rel.DEFAULT_MAX_RANK = a.max_rank or rel.DEFAULT_MAX_RANK
     images = make_image_samples(cfgs, a.per_config, a.vocab, a.k, seed=0)
     print(f"  ({time.perf_counter() - t0:.0f} s)")
@@ -376,7 +383,8 @@ def main():
     errs = [e for rows in images.values() for _, _, es in rows for e in es]
     print("relation-loss error of the stored factor vs the dense float32 R (the trainer's relation term):")
     print(f"  {'profile':8s} {'d':>5s} {'Nv':>4s} {'rank':>9s} {'1-share':>9s} {'bound':>8s} "
-          f"{'|d(1-cos)| flat':>16s} {'column':>8s} {'grad err flat':>14s} {'column':>8s}   (max over samples and students)")
+          f"{'|d(1-cos)| flat':>16s} {'column':>8s} {'uncorrected':>11s} {'grad err flat':>14s} {'column':>8s}   "
+          f"(max over samples and students)")
     for (profile, d, nv), rows in images.items():
         ranks = [s.autocorr.rank for s, _, _ in rows]
         miss = max(1 - s.autocorr.share for s, _, _ in rows)
@@ -384,7 +392,7 @@ def main():
         co = [e for _, _, es in rows for e in es if e["variant"] == "column"]
         print(f"  {profile:8s} {d:5d} {nv:4d} {min(ranks):4d}-{max(ranks):<4d} {miss:9.1e} {2 * np.sqrt(miss):8.1e} "
               f"{max(e['err'] for e in fl):16.1e} {max(e['err'] for e in co):8.1e} "
-              f"{max(e['grad_err'] for e in fl):14.1e} {max(e['grad_err'] for e in co):8.1e}")
+              f"{max(e['err_uncorrected'] for e in fl + co):11.1e} {max(e['grad_err'] for e in fl):14.1e} {max(e['grad_err'] for e in co):8.1e}")
     cos_by_lam = {lam: np.mean([e["cos"] for e in errs[i::len(LAMBDAS) * 2]]) for i, lam in enumerate(LAMBDAS)}
     print("  students: cos(R_S, R_T) (flat, mean) by lam: " + ", ".join(f"{k}: {v:.2f}" for k, v in cos_by_lam.items()))
 
@@ -508,7 +516,10 @@ def main():
           f"share_min={min(s.autocorr.share for rows in images.values() for s, _, _ in rows):.6f} "
           f"kl_err_nats={kl_all.mean():.2e} bytes_per_position={text_b:.1f} rand_read_samples_per_s={rand2:.0f} "
           f"verify_h_per_1m_images={h_v2:.2f} v1_open_check_h_per_1m_images={h_v1:.2f} "
-          f"index_open_s_1m={t_index:.2f}")
+          f"index_open_s_1m={t_index:.2f} "
+          f"rel_err_uncorrected={max(e['err_uncorrected'] for e in errs):.2e} " +
+          " ".join(f"rel_err_{p}={max(e['err'] for (q, _, _), rows in images.items() if q == p for _, _, es in rows for e in es):.2e}"
+                   for p in profiles))
 
 
 if __name__ == "__main__":
