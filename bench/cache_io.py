@@ -1,4 +1,4 @@
-"""Image targets at the paper's shapes: bytes per image sample by array (format 1 vs format 2 side by
+"""Image targets at the paper's shapes: bytes per image sample by array (format 1 vs format 3 side by
 side), the error the factored autocorrelation costs, the quantised values' KL error, cache I/O.
 
 Data (logit_cache.synthetic, no model needed; a random-initialised model's R is unrealistically
@@ -406,7 +406,7 @@ def main():
         ti += c
     work = Path(tempfile.mkdtemp(dir=a.workdir))
     rows_by = {}
-    print("stored bytes per image sample (visual_* + autocorr* arrays), format 1 vs format 2:")
+    print("stored bytes per image sample (visual_* + autocorr* arrays), format 1 vs format 3:")
     v2_groups = {}
     for (profile, d, nv), rows in images.items():
         samples = [s for s, _, _ in rows]
@@ -422,8 +422,8 @@ def main():
     b1, b2 = rows_by[key0]
     print(f"  by array at {key0} (KiB per image sample):")
     for name in names:
-        print(f"    {name:16s} v1 {b1.get(name, 0) / n_img / KIB:8.1f}   v2 {b2.get(name, 0) / n_img / KIB:8.1f}")
-    print(f"  {'profile':8s} {'d':>5s} {'Nv':>4s} {'v1 KiB':>8s} {'v2 KiB':>8s} {'v2 autocorr':>11s} {'ratio':>6s}")
+        print(f"    {name:16s} v1 {b1.get(name, 0) / n_img / KIB:8.1f}   v3 {b2.get(name, 0) / n_img / KIB:8.1f}")
+    print(f"  {'profile':8s} {'d':>5s} {'Nv':>4s} {'v1 KiB':>8s} {'v3 KiB':>8s} {'v3 autocorr':>11s} {'ratio':>6s}")
     kib1, kib2 = [], []
     for (profile, d, nv), (b1, b2) in rows_by.items():
         t1, t2 = sum(b1.values()) / n_img / KIB, sum(b2.values()) / n_img / KIB
@@ -449,15 +449,18 @@ def main():
         f" (fills write at {DEFAULT_CLEVEL}; compact rewrites at {COMPACT_CLEVEL})")
     meta_b, nseg = metadata_bytes(v2_groups[key0][1])
     print(f"  (+ Zarr metadata: {meta_b / nseg / KIB:.1f} KiB per segment, i.e. per ~3,000 image samples: not counted)")
-    # the heaviest single sample: every sample at the rank cap
+    # the heaviest single sample: one that spends the whole column budget (a head column, codes beyond
+    # the coarse range, counts two budget units; a coarse one, one unit)
     from ckd_common.kd import relation
     DEFAULT_MAX_RANK = relation.DEFAULT_MAX_RANK
+    units = lambda f: int(np.where(np.abs(f.codes.astype(np.int16)).max(1, initial=0) > relation.COARSE_CODE_MAX,  # noqa: E731
+                                   2, 1).sum()) if f.rank else 0
     vis2 = sum(v for k, v in rows_by[key0][1].items() if k.startswith("visual_")) / n_img / KIB
-    per_col = max(sum(v for k, v in b2.items() if k.startswith("autocorr")) /
-                  max(1, sum(s.autocorr.rank for s, _, _ in images[c])) for c, (_, b2) in rows_by.items()) / KIB
-    cap_kib = vis2 + DEFAULT_MAX_RANK * per_col
-    print(f"  a sample at the rank cap ({DEFAULT_MAX_RANK} columns): ~{cap_kib:.1f} KiB "
-          f"(visual {vis2:.1f} + {DEFAULT_MAX_RANK} x {per_col:.2f} KiB per column)")
+    per_unit = max(sum(v for k, v in b2.items() if k.startswith("autocorr")) /
+                   max(1, sum(units(s.autocorr) for s, _, _ in images[c])) for c, (_, b2) in rows_by.items()) / KIB
+    cap_kib = vis2 + DEFAULT_MAX_RANK * per_unit
+    print(f"  a sample at the column budget ({DEFAULT_MAX_RANK} units): ~{cap_kib:.1f} KiB "
+          f"(visual {vis2:.1f} + {DEFAULT_MAX_RANK} x {per_unit:.2f} KiB per unit, the most any config cost)")
 
     # -- values, I/O -------------------------------------------------------------------------------
     _, g2, _, samples = v2_groups[key0]
@@ -484,7 +487,7 @@ def main():
     rand2, rand2b = read_rates(g2_big, big_keys, a.rand)
     share_crc = crc_share(g2_big, big_keys)
     print(f"I/O, image samples at {key0}: random reads/s v1 {rand1:.0f} (batches of 8: {rand1b:.0f}), "
-          f"v2 {rand2:.0f} ({rand2b:.0f}); crc32c = {100 * share_crc:.1f} % of a full read")
+          f"v3 {rand2:.0f} ({rand2b:.0f}); crc32c = {100 * share_crc:.1f} % of a full read")
     # verify (all checks) and the trainer's format-1 open check, as stored MB/s -> 1M image samples
     stored = lambda g: sum(bytes_by_array(g).values())  # noqa: E731
     t0 = time.perf_counter()
@@ -495,9 +498,9 @@ def main():
     mbs_v1 = stored(g1_big) / 1e6 / (time.perf_counter() - t0)
     h_v2 = stored(g2_big) / len(big) * 1e6 / 1e6 / mbs_v2 / 3600
     h_v1 = stored(g1_big) / len(big) * 1e6 / 1e6 / mbs_v1 / 3600
-    print(f"verify: `logit_cache verify` (format 2) {mbs_v2:.0f} MB/s stored -> {h_v2:.1f} h per 1M image samples; "
+    print(f"verify: `logit_cache verify` (format 3) {mbs_v2:.0f} MB/s stored -> {h_v2:.1f} h per 1M image samples; "
           f"the trainer's format-1 open check (sha256) {mbs_v1:.0f} MB/s -> {h_v1:.1f} h per 1M format-1 image samples "
-          f"(format 2 needs no such pass: every chunk read is crc-checked)")
+          f"(format 3 needs no such pass: every chunk read is crc-checked)")
     t_index = bench_index(a.index_keys, a.k, a.workdir) if a.index_keys else float("nan")
     shutil.rmtree(work)
     from logit_cache.layout import encode_record, record_nbytes
