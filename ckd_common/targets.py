@@ -39,7 +39,7 @@ class SparseTopK:
 
 
 # The stated share of the factored autocorrelation and its column budget (the teacher's defaults;
-# torch-free so storage code can name them). A sample's rank is the smallest that captures 99.99 % of
+# torch-free so storage code can name them). A sample's rank is the smallest that captures 99.995 % of
 # ||R||_F^2 with its eigenvalues, within a byte budget: the leading columns, up to 99.5 % of ||R||_F^2,
 # are full int8 ("head", codes in [-127, 127]); the trailing ones are coarse (codes in [-7, 7], about
 # half the stored bytes once zstd has them: bench/cache_io.py), and head columns count two against
@@ -47,7 +47,7 @@ class SparseTopK:
 # image sample; a coarse column's quantisation error is ~4 % of its own (small) eigenvalue's energy,
 # far below what dropping it would cost. What the cap still cuts is corrected for in the student's
 # term through the stored tail trace (AutocorrFactor.tail_trace, docs/design.md §4.4).
-AUTOCORR_SHARE = 0.9999
+AUTOCORR_SHARE = 0.99995
 AUTOCORR_HEAD_SHARE = 0.995
 AUTOCORR_MAX_RANK = 160
 
@@ -63,8 +63,8 @@ class AutocorrFactor:
           term for ANY student: |delta (1 - cos)| <= 2 sqrt(1 - share) (docs/design.md §4.4).
     tail_trace float or None: tr(R/||R||_F) - ||U||_F^2, the trace of what the factor leaves out
           (>= 0 up to quantisation: the residual of a PSD R's leading eigenpairs is PSD). The
-          student's term uses it to estimate the left-out part's contribution (isotropic in the
-          factor's complement). None: not known (format-2 caches): the uncorrected term.
+          student's term uses it to estimate the left-out part (isotropic in the factor's
+          complement). None: not known (format-2 caches, an older server): the uncorrected term.
 
     r = 0 is the zero matrix (an all-zero R), stored exactly (share 1). The factor is computed by
     the teacher (ckd_common.kd.relation.factor_autocorr) and is stored and sent verbatim.

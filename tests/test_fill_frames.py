@@ -146,7 +146,7 @@ def test_add_encoded_stores_what_add_stores(tmp_path):
             np.testing.assert_array_equal(x.autocorr.codes, y.autocorr.codes)
             np.testing.assert_array_equal(x.autocorr.scale, y.autocorr.scale)
             assert x.autocorr.share == y.autocorr.share
-            assert x.autocorr.tail_trace == y.autocorr.tail_trace is not None
+            assert x.autocorr.tail_trace == y.autocorr.tail_trace
 
 
 def test_a_frame_without_tail_traces_stores_them_as_unknown(tmp_path):
@@ -158,6 +158,7 @@ def test_a_frame_without_tail_traces_stores_them_as_unknown(tmp_path):
 
     meta = _meta()
     targets = _samples(6)
+    assert any(t.autocorr is not None and t.autocorr.tail_trace is not None for t in targets)
     head, arrays = decode_frame(encode_response(TargetsResponse(targets, 8, 1000)), RESPONSE_MAGIC)
     head = json.loads(json.dumps(head))
     for m in head["samples"]:
@@ -170,6 +171,13 @@ def test_a_frame_without_tail_traces_stores_them_as_unknown(tmp_path):
     r = CacheReader(group)
     with_factor = [t for t in targets if t.autocorr is not None]
     assert with_factor and all(r.get(t.key).autocorr.tail_trace is None for t in with_factor)
+    fresh = open_group(tmp_path / "h", meta=meta, create=True)  # the same targets with the header field
+    with fresh.writer() as w:
+        w.add_encoded(decode_block(encode_response(TargetsResponse(targets, 8, 1000)), _request(targets), meta, "u"))
+    r = CacheReader(fresh)
+    for t in with_factor:
+        got = r.get(t.key).autocorr.tail_trace
+        assert got == t.autocorr.tail_trace or abs(got - t.autocorr.tail_trace) < 1e-6
 
 
 def test_a_writer_commits_segments_by_rows_and_bytes(tmp_path):

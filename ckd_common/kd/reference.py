@@ -15,10 +15,9 @@ dense_divergence
     oracle the (k+1)-bucket divergences are checked against, on the full vocabulary (k = V) and on
     explicitly bucketed distributions (k < V).
 rel_loss_tail_dense
-    The relation term of a factor target with its tail trace, the plain way: the dense estimate
-    T = U U^T + c P (c = tau / (Nv - r), P = I - U U^+ the projector onto the complement of U's
-    columns), rel_loss-style cosines with ||R^||_F = 1 (flat) and the columns' share of it
-    (column). rel_loss_factored(..., tail_trace) must equal it, values and gradients.
+    The relation term of a factor target with its tail trace, the plain way: rel_loss against the
+    dense estimate T = U U^T + c P (c = tau / (Nv - r), P = I - U U^+ the projector onto the
+    complement of U's columns). rel_loss_factored(..., tail_trace) must equal it, values and gradients.
 """
 from __future__ import annotations
 
@@ -39,20 +38,13 @@ __all__ = ["dense_divergence", "kd_loss_from_logits", "llava_kd_loss_dense", "re
 
 def rel_loss_tail_dense(student_R: torch.Tensor, u: torch.Tensor, tail_trace: float, variant: str = "flat"
                         ) -> torch.Tensor:
-    """1 - cos of student_R [Nv, Nv] against the tail-corrected estimate of a factor target (module
+    """rel_loss of student_R [Nv, Nv] against the tail-corrected estimate of a factor target (module
     docstring), every matrix materialised. Float64."""
-    rs, u = student_R.double(), u.detach().double()
+    u = u.detach().double()
     nv, r = u.shape
-    free = nv - r
     p = torch.eye(nv, dtype=torch.float64) - u @ torch.linalg.pinv(u)
-    c = tail_trace / free if free > 0 else 0.0
-    uut = u @ u.T
-    t = uut + c * p
-    rest = max(0.0, 1.0 - float(uut.square().sum()))
-    if variant == "flat":
-        return 1.0 - (rs * t).sum() / rs.norm()                     # ||R^||_F = 1
-    t2_j = uut.square().sum(0) + (rest * p.diagonal() / free if free > 0 else 0.0)
-    return 1.0 - ((rs * t).sum(0) / (rs.norm(dim=0) * t2_j.sqrt())).mean()
+    c = tail_trace / (nv - r) if nv > r else 0.0
+    return rel_loss(student_R.double(), u @ u.T + c * p, variant)
 
 
 def dense_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl",

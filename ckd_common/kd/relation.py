@@ -18,12 +18,13 @@ Student side
                         when Nv > d everything goes through d x d Grams instead (A = H^T U,
                         M = H^T H: Nv d^2 + 2 d^3), and no Nv x Nv tensor exists at all. Both relation
                         variants are exact from the factor; parity with the dense term is tested.
-                        With the target's tail trace (tau) the term is that of the estimate
-                        R^ ~ U U^T + c P, c = tau / (Nv - r), P the projector onto the complement of
-                        U's columns, and ||R^||_F = 1 (exact: R^ is normalised): the part the factor
-                        leaves out is PSD, so dropping it biases the cosine one way (measured: 2-3x the
-                        error), and spread evenly over the complement it costs tr(R_S) - tr(Q^T R_S Q)
-                        (Q = orth(U)) in Grams. reference.rel_loss_tail_dense is the plain version.
+                        With the target's tail trace (tau) the term is rel_loss against the estimate
+                        T = U U^T + c P, c = tau / (Nv - r), P the projector onto the complement of
+                        U's columns: the part the factor leaves out is PSD, so dropping it biases the
+                        cosine one way (on noise-dominated R, 2-5x the error), and spread evenly over
+                        the complement it costs tr(R_S) - tr(Q^T R_S Q) (Q = orth(U)) in Grams;
+                        ||T||_F^2 = ||U^T U||_F^2 + c^2 (Nv - r), ||T[:, j]||^2 likewise per column.
+                        reference.rel_loss_tail_dense is the plain version.
 
 Why a factor: R = H G H^T is PSD and, for a teacher, dominated by few directions (a common component
 shared by all visual tokens, image regions, smooth spatial structure), so ~10-70 columns keep
@@ -111,9 +112,9 @@ def factor_autocorr(r: torch.Tensor, share: float = DEFAULT_SHARE, max_rank: int
     vec = vec[:, :, :cap]
     total = torch.linalg.matrix_norm(r.double()).square()
     energy = lam.square().cumsum(-1)
-    rank = (energy < share * total[:, None]).sum(-1) + 1          # smallest r reaching the share
+    wanted = (energy < share * total[:, None]).sum(-1) + 1        # smallest r reaching the share
     head = torch.clamp((energy < head_share * total[:, None]).sum(-1) + 1, max=max_rank // 2)
-    rank = torch.minimum(rank, max_rank - head)                   # the budget: a head column counts two
+    rank = torch.minimum(wanted, max_rank - head)                 # the budget: a head column counts two
     rank = torch.minimum(rank, (lam > 0).sum(-1)).clamp(max=cap)  # no zero columns (R = 0 -> rank 0)
     cols = torch.arange(cap, device=r.device)[None]
     keep = cols < rank[:, None]
@@ -250,10 +251,9 @@ def rel_loss_factored(hidden: torch.Tensor, gram: torch.Tensor, u: torch.Tensor,
             if variant == "flat":
                 return 1.0 - _safe_ratio(num, s2, utu.square().sum())
             return 1.0 - _safe_ratio(num_j, s2_j, t2_j).mean()
-        # the tail estimate c P (module docstring), in the scaled units of u: R^ / u_max^2
+        # the tail estimate T = U U^T + c P (module docstring), in the scaled units of u: T / u_max^2
         r = u.shape[1]
         free = nv - r
-        norm2 = 1.0 / u_max.square().square()                       # ||R^||_F^2 = 1
         c = float(tail_trace) / free / u_max.square() if free > 0 else torch.zeros((), dtype=dt, device=h.device)
         q = torch.linalg.qr(u).Q if r else u                        # orth(U), constant
         if build_s:
@@ -264,11 +264,8 @@ def rel_loss_factored(hidden: torch.Tensor, gram: torch.Tensor, u: torch.Tensor,
             diag_s = ((h @ g) * h).sum(1)                           # R_S[j, j] = h_j g h_j^T
         perp_j = diag_s - (sq * q).sum(1)                           # <R_S[:, j], P[:, j]> = (R_S^T P)_jj
         if variant == "flat":
-            return 1.0 - _safe_ratio(num + c * perp_j.sum(), s2, norm2)
-        # ||R^[:, j]||^2: the factor's part plus the rest of ||R^||_F^2 spread as P's diagonal
-        p_jj = 1.0 - q.square().sum(1)
-        rest = (norm2 - utu.square().sum()).clamp_min(0)
-        t2_j = t2_j + rest * p_jj / free if free > 0 else t2_j
+            return 1.0 - _safe_ratio(num + c * perp_j.sum(), s2, utu.square().sum() + c * c * free)  # ||T||^2
+        t2_j = t2_j + c * c * (1.0 - q.square().sum(1))             # ||T[:, j]||^2: U U^T P = 0, P^2 = P
         return 1.0 - _safe_ratio(num_j + c * perp_j, s2_j, t2_j).mean()
 
 
