@@ -43,10 +43,10 @@ class SparseTopK:
 # ||R||_F^2 with its eigenvalues, within a byte budget: the leading columns, up to 99.5 % of ||R||_F^2,
 # are full int8 ("head", codes in [-127, 127]); the trailing ones are coarse (codes in [-7, 7], about
 # half the stored bytes once zstd has them: bench/cache_io.py), and head columns count two against
-# AUTOCORR_MAX_RANK. So a noise-dominated sample keeps ~140 columns instead of 80 within ~150 KiB per
-# image sample; a coarse column's quantisation error is ~4 % of its own (small) eigenvalue's energy,
-# far below what dropping it would cost. What the cap still cuts is corrected for in the student's
-# term through the stored tail trace (AutocorrFactor.tail_trace, docs/design.md §4.4).
+# AUTOCORR_MAX_RANK. So a noise-dominated sample keeps ~120-150 columns instead of 80 within ~150 KiB
+# per image sample; a coarse column's quantisation error is ~4 % of its own (small) eigenvalue's
+# energy, far below what dropping it would cost. What the budget still cuts is estimated in the
+# student's term from the stored tail trace (AutocorrFactor.tail_trace, docs/design.md §4.4).
 AUTOCORR_SHARE = 0.99995
 AUTOCORR_HEAD_SHARE = 0.995
 AUTOCORR_MAX_RANK = 160
