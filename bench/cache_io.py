@@ -1,4 +1,4 @@
-"""Image targets at the paper's shapes: bytes per image sample by array (format 1 vs format 2 side by
+"""Image targets at the paper's shapes: bytes per image sample by array (format 1 vs format 3 side by
 side), the error the factored autocorrelation costs, the quantised values' KL error, cache I/O.
 
 Data (logit_cache.synthetic, no model needed; a random-initialised model's R is unrealistically
@@ -14,28 +14,35 @@ Measured:
             each array, crc32c included), per image sample, as a fill writes them (Blosc clevel 3);
             `compact` (clevel 6) is ~4 % smaller. Format 1 is written by an exact emulation of the
             format-1 writer (uint32 ids, the float16 triangle, clevel 6, no crc).
-  rel error the trainer's relation term from the stored factor (ckd_common.kd.relation, as the fused
-            loss calls it) vs the dense float32 R of the same sample (the format-1 semantics, minus
+  rel error the trainer's relation term from the stored factor and tail trace (ckd_common.kd.relation,
+            as the fused loss calls it; rel_err_uncorrected: the same factor without the tail trace)
+            vs the dense float32 R of the same sample (the format-1 semantics, minus
             float16): |delta (1 - cos)| and the relative error of its gradient with respect to the
             student's hidden states H_S and its lm_head Gram G_S. Students: same image, another
             model: H_S = lam * (H_T A) + (1 - lam) * H_indep with lam = 0 / 0.5 / 0.9 (cos(R_S, R_T)
             from ~0.3 to ~0.95), d_S = 896 (0.5B). Both relation variants (flat, column).
   KL        mean KL of the (k+1)-bucket coarsening, float32 targets vs what the reader returns (q8).
-  I/O       write MB/s, random reads/s (format 1 vs 2), crc32c's share of a read, verify seconds for
+  I/O       write MB/s, random reads/s (format 1 vs 3), crc32c's share of a read, verify seconds for
             1M samples, reader open for 1M keys.
 
     .venv/bin/python bench/cache_io.py [--per-config 4] [--text-samples 48] [--index-keys 1000000]
 
-Measured 2026-12-01 19:42-19:52 UTC on the shared 2-core box (beside a full test run), defaults:
-bytes per image sample (format 2, k = 64, q8, fill clevel 3) 99 KiB typical, 140 KiB at most (hard
-profile, rank cap 80), format 1 472 KiB; relation-loss error |d(1-cos)| of the stored factor, max over
-samples, students and both variants: easy <= 2.2e-4, typical <= 2.9e-4, noisy <= 5.1e-4, hard (every
-sample at the rank cap 80, share 0.9992-0.9997) 1.2e-3 to 1.9e-3; gradient error 0.8-2.7e-2:
-RESULT image_sample_kib=140.1 image_sample_kib_v1=471.6 image_sample_kib_typical=99.0
-image_sample_kib_compacted=96.4 writer_ms_per_image=4.6 image_sample_kib_rank_cap=142.0
-rel_err=1.94e-03 rel_grad_err=2.72e-02 share_min=0.999182 kl_err_nats=6.30e-05
-bytes_per_position=122.1 rand_read_samples_per_s=227 verify_h_per_1m_images=0.73
-v1_open_check_h_per_1m_images=1.18 index_open_s_1m=1.14
+Measured 2026-12-01 21:24-21:31 UTC on the shared 2-core box (beside the lead's CPU runs), defaults;
+format 3 (head columns int8 up to 99.5 % of ||R||_F^2, coarse [-7, 7] columns after, share target
+99.995 % within a budget of 160 units, the tail estimate from the stored tail trace): bytes per image
+sample (k = 64, q8, fill clevel 3) 97 KiB typical, 142 KiB at most (hard profile: 138-150 columns,
+every sample at the column budget; its bound, 160 units x 0.34 KiB + 87 KiB, is 142 KiB too), format 1
+472 KiB; relation-loss error |d(1-cos)| of the trainer's term, max over samples, students and both
+variants: easy 2.1e-4, typical 3.4e-4, noisy 3.5e-4, hard 6.2e-4 (without the tail estimate, same
+factors: hard 1.1e-3); gradient error (relative, dH and dG) 0.8-3.6e-2, largest on the easy profile
+(coarse columns' noise reaches the gradient at first order), stated tolerance 5e-2. The previous
+format (2026-12-01 19:42, int8 only, rank cap 80, no tail estimate): hard 1.2e-3 to 1.9e-3 at 140 KiB.
+RESULT image_sample_kib=142.1 image_sample_kib_v1=471.6 image_sample_kib_typical=96.5
+image_sample_kib_compacted=93.4 writer_ms_per_image=5.8 image_sample_kib_rank_cap=142.1
+rel_err=6.16e-04 rel_grad_err=3.61e-02 share_min=0.999439 kl_err_nats=6.30e-05
+bytes_per_position=122.1 rand_read_samples_per_s=142 verify_h_per_1m_images=0.83
+v1_open_check_h_per_1m_images=1.00 index_open_s_1m=1.38 rel_err_uncorrected=1.14e-03
+rel_err_easy=2.07e-04 rel_err_typical=3.38e-04 rel_err_noisy=3.46e-04 rel_err_hard=6.16e-04
 """
 from __future__ import annotations
 
@@ -55,11 +62,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckd_common.kd import rel_loss  # noqa: E402
-from ckd_common.kd.relation import FactorTarget, factor_autocorr, factor_to_numpy, relation_loss  # noqa: E402
+from ckd_common.kd.relation import (FactorTarget, factor_autocorr, factor_to_numpy, relation_loss,  # noqa: E402
+                                    relation_target)
 from ckd_common.kd.terms import gram_autocorr  # noqa: E402
 from ckd_common.targets import SampleTargets, SparseTopK  # noqa: E402
 from ckd_common.templates import QWEN2_BASE  # noqa: E402
-from logit_cache import TARGET_KINDS, CacheMeta, CacheReader, open_group, verify_segments  # noqa: E402
+from logit_cache import FORMAT_VERSION, TARGET_KINDS, CacheMeta, CacheReader, open_group, verify_segments  # noqa: E402
 from logit_cache.encoding import encode_q8, pack_autocorr  # noqa: E402
 from logit_cache.maintenance import verify  # noqa: E402
 from logit_cache.synthetic import (AUTOCORR_PROFILES, TeacherLikeModel, image_regions, random_key,  # noqa: E402
@@ -102,11 +110,13 @@ class Student:
         return (lam * base * (np.linalg.norm(own) / np.linalg.norm(base)) + (1 - lam) * own).astype(np.float32)
 
 
-def relation_errors(r_dense: np.ndarray, u: np.ndarray, students) -> list[dict]:
-    """|delta(1-cos)| and gradient errors of the factored term vs the dense one, per student and variant."""
+def relation_errors(r_dense: np.ndarray, f, students) -> list[dict]:
+    """|delta(1-cos)| and gradient errors of the factored term (tail-corrected, as the trainer computes
+    it) vs the dense one, per student and variant; err_uncorrected: without the tail trace."""
     out = []
     r_t = torch.from_numpy(r_dense)
-    target = FactorTarget(torch.from_numpy(u))
+    target = relation_target(f)
+    plain = FactorTarget(target.u)
     for h_s, g_s in students:
         for variant in ("flat", "column"):
             res = []
@@ -120,8 +130,9 @@ def relation_errors(r_dense: np.ndarray, u: np.ndarray, students) -> list[dict]:
             (l0, gh0, gg0), (l1, gh1, gg1) = res
             with torch.no_grad():
                 cos = 1 - float(rel_loss(gram_autocorr(torch.from_numpy(h_s), gram=torch.from_numpy(g_s)), r_t, variant))
+                l2 = float(relation_loss(torch.from_numpy(h_s), torch.from_numpy(g_s), plain, variant))
             rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
-            out.append({"variant": variant, "cos": cos, "err": abs(l1 - l0),
+            out.append({"variant": variant, "cos": cos, "err": abs(l1 - l0), "err_uncorrected": abs(l2 - l0),
                         "grad_err": max(rel(gh1, gh0), rel(gg1, gg0))})
     return out
 
@@ -141,12 +152,13 @@ def make_image_samples(cfgs, per_config: int, vocab: int, k: int, seed: int):
             regions = image_regions(nv, rng, profile)
             h = teacher.hidden(nv, rng, regions)
             images.append((h, regions, teacher.autocorr(h)))
-        codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(np.stack([r for *_, r in images]))))
+        codes, scale, rank, share, tail = (t.numpy() for t in factor_autocorr(
+            torch.from_numpy(np.stack([r for *_, r in images]))))
         rows = []
         for j, (h, regions, r) in enumerate(images):
-            f = factor_to_numpy(codes[j], scale[j], rank[j], share[j])
+            f = factor_to_numpy(codes[j], scale[j], rank[j], share[j], tail[j])
             g_s = student.model.gram.astype(np.float32)
-            errs = relation_errors(r, f.factor(), [(student.hidden(h, regions, lam, rng), g_s) for lam in LAMBDAS])
+            errs = relation_errors(r, f, [(student.hidden(h, regions, lam, rng), g_s) for lam in LAMBDAS])
             text = SparseTopK(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
             s = SampleTargets(random_key(len(out) * 1000 + j, "bench-img"), text, take(vis, vi, nv), f)
             vi += nv
@@ -154,7 +166,8 @@ def make_image_samples(cfgs, per_config: int, vocab: int, k: int, seed: int):
         out[(profile, d, nv)] = rows
         worst = max(e["err"] for _, _, es in rows for e in es)
         print(f"  {profile:8s} d={d:4d} Nv={nv}: rank {[int(x) for x in rank]} share min {share.min():.6f}  "
-              f"max |d(1-cos)| {worst:.1e}  ({time.process_time() - t0:.0f} s CPU)", flush=True)
+              f"max |d(1-cos)| {worst:.1e} (uncorrected {max(e['err_uncorrected'] for _, _, es in rows for e in es):.1e})  "
+              f"({time.process_time() - t0:.0f} s CPU)", flush=True)
     return out
 
 
@@ -164,17 +177,17 @@ def io_samples(cfg, n: int, vocab: int, k: int, seed: int = 11):
     rng = np.random.default_rng(seed)
     teacher = TeacherLikeModel(d, rng, profile)
     dense = np.stack([teacher.autocorr(teacher.hidden(nv, rng)) for _ in range(n)])
-    codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
+    codes, scale, rank, share, tail = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
     vis = topk_pool(n * nv, vocab, k, seed + 1)
     empty = SparseTopK(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
     out = [SampleTargets(random_key(i, "bench-io"), empty, take(vis, i * nv, nv),
-                         factor_to_numpy(codes[i], scale[i], rank[i], share[i])) for i in range(n)]
+                         factor_to_numpy(codes[i], scale[i], rank[i], share[i], tail[i])) for i in range(n)]
     return out, {s.key: r for s, r in zip(out, dense)}
 
 
 # ---------------------------------------------------------------------------------------------
 # writing: format 2 (the project's writer) and format 1 (an exact emulation of the old writer)
-def group_meta(vocab, k, nv, version=2) -> CacheMeta:
+def group_meta(vocab, k, nv, version=FORMAT_VERSION) -> CacheMeta:
     m = CacheMeta.for_group(dataset_fingerprint="bench", template=QWEN2_BASE, has_images=True, teacher_fingerprint="bench",
                             tokenizer_hash="bench", vocab_size=vocab, k=k, vision_strategy="full", num_visual_tokens=nv,
                             value_encoding="q8", target_kinds=TARGET_KINDS)
@@ -367,7 +380,8 @@ def main():
     t0 = time.perf_counter()
     if a.share is not None or a.max_rank is not None:
         import ckd_common.kd.relation as rel
-        rel.factor_autocorr.__defaults__ = (a.share or rel.DEFAULT_SHARE, a.max_rank or rel.DEFAULT_MAX_RANK)
+        rel.factor_autocorr.__defaults__ = (a.share or rel.DEFAULT_SHARE, a.max_rank or rel.DEFAULT_MAX_RANK,
+                                            rel.DEFAULT_HEAD_SHARE)
         rel.DEFAULT_MAX_RANK = a.max_rank or rel.DEFAULT_MAX_RANK
     images = make_image_samples(cfgs, a.per_config, a.vocab, a.k, seed=0)
     print(f"  ({time.perf_counter() - t0:.0f} s)")
@@ -376,7 +390,8 @@ def main():
     errs = [e for rows in images.values() for _, _, es in rows for e in es]
     print("relation-loss error of the stored factor vs the dense float32 R (the trainer's relation term):")
     print(f"  {'profile':8s} {'d':>5s} {'Nv':>4s} {'rank':>9s} {'1-share':>9s} {'bound':>8s} "
-          f"{'|d(1-cos)| flat':>16s} {'column':>8s} {'grad err flat':>14s} {'column':>8s}   (max over samples and students)")
+          f"{'|d(1-cos)| flat':>16s} {'column':>8s} {'uncorrected':>11s} {'grad err flat':>14s} {'column':>8s}   "
+          f"(max over samples and students)")
     for (profile, d, nv), rows in images.items():
         ranks = [s.autocorr.rank for s, _, _ in rows]
         miss = max(1 - s.autocorr.share for s, _, _ in rows)
@@ -384,7 +399,7 @@ def main():
         co = [e for _, _, es in rows for e in es if e["variant"] == "column"]
         print(f"  {profile:8s} {d:5d} {nv:4d} {min(ranks):4d}-{max(ranks):<4d} {miss:9.1e} {2 * np.sqrt(miss):8.1e} "
               f"{max(e['err'] for e in fl):16.1e} {max(e['err'] for e in co):8.1e} "
-              f"{max(e['grad_err'] for e in fl):14.1e} {max(e['grad_err'] for e in co):8.1e}")
+              f"{max(e['err_uncorrected'] for e in fl + co):11.1e} {max(e['grad_err'] for e in fl):14.1e} {max(e['grad_err'] for e in co):8.1e}")
     cos_by_lam = {lam: np.mean([e["cos"] for e in errs[i::len(LAMBDAS) * 2]]) for i, lam in enumerate(LAMBDAS)}
     print("  students: cos(R_S, R_T) (flat, mean) by lam: " + ", ".join(f"{k}: {v:.2f}" for k, v in cos_by_lam.items()))
 
@@ -398,7 +413,7 @@ def main():
         ti += c
     work = Path(tempfile.mkdtemp(dir=a.workdir))
     rows_by = {}
-    print("stored bytes per image sample (visual_* + autocorr* arrays), format 1 vs format 2:")
+    print("stored bytes per image sample (visual_* + autocorr* arrays), format 1 vs format 3:")
     v2_groups = {}
     for (profile, d, nv), rows in images.items():
         samples = [s for s, _, _ in rows]
@@ -414,8 +429,8 @@ def main():
     b1, b2 = rows_by[key0]
     print(f"  by array at {key0} (KiB per image sample):")
     for name in names:
-        print(f"    {name:16s} v1 {b1.get(name, 0) / n_img / KIB:8.1f}   v2 {b2.get(name, 0) / n_img / KIB:8.1f}")
-    print(f"  {'profile':8s} {'d':>5s} {'Nv':>4s} {'v1 KiB':>8s} {'v2 KiB':>8s} {'v2 autocorr':>11s} {'ratio':>6s}")
+        print(f"    {name:16s} v1 {b1.get(name, 0) / n_img / KIB:8.1f}   v3 {b2.get(name, 0) / n_img / KIB:8.1f}")
+    print(f"  {'profile':8s} {'d':>5s} {'Nv':>4s} {'v1 KiB':>8s} {'v3 KiB':>8s} {'v3 autocorr':>11s} {'ratio':>6s}")
     kib1, kib2 = [], []
     for (profile, d, nv), (b1, b2) in rows_by.items():
         t1, t2 = sum(b1.values()) / n_img / KIB, sum(b2.values()) / n_img / KIB
@@ -441,15 +456,18 @@ def main():
         f" (fills write at {DEFAULT_CLEVEL}; compact rewrites at {COMPACT_CLEVEL})")
     meta_b, nseg = metadata_bytes(v2_groups[key0][1])
     print(f"  (+ Zarr metadata: {meta_b / nseg / KIB:.1f} KiB per segment, i.e. per ~3,000 image samples: not counted)")
-    # the heaviest single sample: every sample at the rank cap
+    # the heaviest single sample: one that spends the whole column budget (a head column, codes beyond
+    # the coarse range, counts two budget units; a coarse one, one unit)
     from ckd_common.kd import relation
     DEFAULT_MAX_RANK = relation.DEFAULT_MAX_RANK
+    units = lambda f: int(np.where(np.abs(f.codes.astype(np.int16)).max(1, initial=0) > relation.COARSE_CODE_MAX,  # noqa: E731
+                                   2, 1).sum()) if f.rank else 0
     vis2 = sum(v for k, v in rows_by[key0][1].items() if k.startswith("visual_")) / n_img / KIB
-    per_col = max(sum(v for k, v in b2.items() if k.startswith("autocorr")) /
-                  max(1, sum(s.autocorr.rank for s, _, _ in images[c])) for c, (_, b2) in rows_by.items()) / KIB
-    cap_kib = vis2 + DEFAULT_MAX_RANK * per_col
-    print(f"  a sample at the rank cap ({DEFAULT_MAX_RANK} columns): ~{cap_kib:.1f} KiB "
-          f"(visual {vis2:.1f} + {DEFAULT_MAX_RANK} x {per_col:.2f} KiB per column)")
+    per_unit = max(sum(v for k, v in b2.items() if k.startswith("autocorr")) /
+                   max(1, sum(units(s.autocorr) for s, _, _ in images[c])) for c, (_, b2) in rows_by.items()) / KIB
+    cap_kib = vis2 + DEFAULT_MAX_RANK * per_unit
+    print(f"  a sample at the column budget ({DEFAULT_MAX_RANK} units): ~{cap_kib:.1f} KiB "
+          f"(visual {vis2:.1f} + {DEFAULT_MAX_RANK} x {per_unit:.2f} KiB per unit, the most any config cost)")
 
     # -- values, I/O -------------------------------------------------------------------------------
     _, g2, _, samples = v2_groups[key0]
@@ -476,7 +494,7 @@ def main():
     rand2, rand2b = read_rates(g2_big, big_keys, a.rand)
     share_crc = crc_share(g2_big, big_keys)
     print(f"I/O, image samples at {key0}: random reads/s v1 {rand1:.0f} (batches of 8: {rand1b:.0f}), "
-          f"v2 {rand2:.0f} ({rand2b:.0f}); crc32c = {100 * share_crc:.1f} % of a full read")
+          f"v3 {rand2:.0f} ({rand2b:.0f}); crc32c = {100 * share_crc:.1f} % of a full read")
     # verify (all checks) and the trainer's format-1 open check, as stored MB/s -> 1M image samples
     stored = lambda g: sum(bytes_by_array(g).values())  # noqa: E731
     t0 = time.perf_counter()
@@ -487,9 +505,9 @@ def main():
     mbs_v1 = stored(g1_big) / 1e6 / (time.perf_counter() - t0)
     h_v2 = stored(g2_big) / len(big) * 1e6 / 1e6 / mbs_v2 / 3600
     h_v1 = stored(g1_big) / len(big) * 1e6 / 1e6 / mbs_v1 / 3600
-    print(f"verify: `logit_cache verify` (format 2) {mbs_v2:.0f} MB/s stored -> {h_v2:.1f} h per 1M image samples; "
+    print(f"verify: `logit_cache verify` (format 3) {mbs_v2:.0f} MB/s stored -> {h_v2:.1f} h per 1M image samples; "
           f"the trainer's format-1 open check (sha256) {mbs_v1:.0f} MB/s -> {h_v1:.1f} h per 1M format-1 image samples "
-          f"(format 2 needs no such pass: every chunk read is crc-checked)")
+          f"(format 3 needs no such pass: every chunk read is crc-checked)")
     t_index = bench_index(a.index_keys, a.k, a.workdir) if a.index_keys else float("nan")
     shutil.rmtree(work)
     from logit_cache.layout import encode_record, record_nbytes
@@ -508,7 +526,10 @@ def main():
           f"share_min={min(s.autocorr.share for rows in images.values() for s, _, _ in rows):.6f} "
           f"kl_err_nats={kl_all.mean():.2e} bytes_per_position={text_b:.1f} rand_read_samples_per_s={rand2:.0f} "
           f"verify_h_per_1m_images={h_v2:.2f} v1_open_check_h_per_1m_images={h_v1:.2f} "
-          f"index_open_s_1m={t_index:.2f}")
+          f"index_open_s_1m={t_index:.2f} "
+          f"rel_err_uncorrected={max(e['err_uncorrected'] for e in errs):.2e} " +
+          " ".join(f"rel_err_{p}={max(e['err'] for (q, _, _), rows in images.items() if q == p for _, _, es in rows for e in es):.2e}"
+                   for p in profiles))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,18 @@ class SparseTopK:
         return int(self.ids.shape[1])
 
 
-# The stated share of the factored autocorrelation (the teacher's default; torch-free so storage code
-# can name it): a sample's rank is the smallest that captures 99.99 % of ||R||_F^2 with its
-# eigenvalues, at most 80 columns. bench/cache_io.py: |delta(1 - cos)| stays ~1-3x (1 - share) on
-# teacher-like data, and 80 int8 columns of Nv = 728 keep an image sample <= 150 KiB.
-AUTOCORR_SHARE = 0.9999
-AUTOCORR_MAX_RANK = 80
+# The stated share of the factored autocorrelation and its column budget (the teacher's defaults;
+# torch-free so storage code can name them). A sample's rank is the smallest that captures 99.995 % of
+# ||R||_F^2 with its eigenvalues, within a byte budget: the leading columns, up to 99.5 % of ||R||_F^2,
+# are full int8 ("head", codes in [-127, 127]); the trailing ones are coarse (codes in [-7, 7], about
+# half the stored bytes once zstd has them: bench/cache_io.py), and head columns count two against
+# AUTOCORR_MAX_RANK. So a noise-dominated sample keeps ~120-150 columns instead of 80 within ~150 KiB
+# per image sample; a coarse column's quantisation error is ~4 % of its own (small) eigenvalue's
+# energy, far below what dropping it would cost. What the budget still cuts is estimated in the
+# student's term from the stored tail trace (AutocorrFactor.tail_trace, docs/design.md §4.4).
+AUTOCORR_SHARE = 0.99995
+AUTOCORR_HEAD_SHARE = 0.995
+AUTOCORR_MAX_RANK = 160
 
 
 @dataclass
@@ -53,8 +59,12 @@ class AutocorrFactor:
     codes [r, Nv] int8, scale [r] float32: column j of U (Nv values) is codes[j] * scale[j]
           (one symmetric int8 scale per column: scale = max|U[:, j]| / 127).
     share float: 1 - ||R/||R||_F - U U^T||_F^2, i.e. the share of ||R||_F^2 the stored factor
-          captures, quantisation included. It bounds the relation-loss error of this target for
-          ANY student: |delta (1 - cos)| <= 2 sqrt(1 - share) (docs/design.md §4.4).
+          captures, quantisation included. It bounds the relation-loss error of the uncorrected
+          term for ANY student: |delta (1 - cos)| <= 2 sqrt(1 - share) (docs/design.md §4.4).
+    tail_trace float or None: tr(R/||R||_F) - ||U||_F^2, the trace of what the factor leaves out
+          (>= 0 up to quantisation: the residual of a PSD R's leading eigenpairs is PSD). The
+          student's term uses it to estimate the left-out part (isotropic in the factor's
+          complement). None: not known (format-2 caches, an older server): the uncorrected term.
 
     r = 0 is the zero matrix (an all-zero R), stored exactly (share 1). The factor is computed by
     the teacher (ckd_common.kd.relation.factor_autocorr) and is stored and sent verbatim.
@@ -64,6 +74,7 @@ class AutocorrFactor:
     codes: np.ndarray
     scale: np.ndarray
     share: float
+    tail_trace: float | None = None
 
     def __post_init__(self) -> None:
         if self.codes.ndim != 2 or self.codes.dtype != np.int8:
@@ -71,6 +82,7 @@ class AutocorrFactor:
         if self.scale.shape != (self.codes.shape[0],):
             raise ValueError(f"AutocorrFactor: scale {self.scale.shape} must be [r]={self.codes.shape[0]}")
         self.share = float(self.share)
+        self.tail_trace = None if self.tail_trace is None else float(self.tail_trace)
 
     @property
     def rank(self) -> int:

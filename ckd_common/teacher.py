@@ -145,8 +145,8 @@ class TeacherRunner:
         for j, a in enumerate(rs):  # samples of one model share Nv: in practice one batched call
             by_nv.setdefault(a.shape[0], []).append(j)
         for idx in by_nv.values():
-            codes, scale, rank, share = (t.cpu().numpy() for t in factor_autocorr(
+            codes, scale, rank, share, tail = (t.cpu().numpy() for t in factor_autocorr(
                 torch.stack([rs[j] for j in idx]), self.autocorr_share, self.autocorr_max_rank))
             for b, j in enumerate(idx):
-                out[j] = factor_to_numpy(codes[b], scale[b], rank[b], share[b])
+                out[j] = factor_to_numpy(codes[b], scale[b], rank[b], share[b], tail[b])
         return out

@@ -25,7 +25,8 @@ do not check keys) and ``samples`` = ``[{"key", "id", "length", "visual_start", 
 server decodes and preprocesses them, so the key's image hash is checkable).
 
 Response meta: ``k``, ``vocab_limit``, ``teacher_fingerprint`` and ``samples`` = ``[{"key",
-"num_text", "num_visual", "autocorr_rank", "autocorr_share"}]``. Arrays: ``ids`` <i4 [N, k],
+"num_text", "num_visual", "autocorr_rank", "autocorr_share", "autocorr_tail"}]`` (the tail trace:
+optional, null = unknown). Arrays: ``ids`` <i4 [N, k],
 ``logprobs`` <f4 [N, k], ``tail`` <f4 [N] with N = sum(num_text + num_visual) rows ordered sample by
 sample, text rows then visual rows; and each image sample's normalised autocorrelation as its
 low-rank factor (ckd_common.targets.AutocorrFactor), in sample order: ``autocorr_codes`` |i1
@@ -279,7 +280,7 @@ def encode_response(resp: TargetsResponse) -> bytes:
             f = _as_factor(s.autocorr)
             if f.num_visual != nv:
                 raise ValueError(f"sample {s.key}: autocorr factor has {f.num_visual} rows, {nv} visual positions")
-            m.update(autocorr_rank=f.rank, autocorr_share=f.share)
+            m.update(autocorr_rank=f.rank, autocorr_share=f.share, autocorr_tail=f.tail_trace)
             codes.append(f.codes.reshape(-1))
             scales.append(f.scale)
         metas.append(m)
@@ -308,23 +309,26 @@ def decode_response(data: bytes | bytearray | memoryview) -> TargetsResponse:
         metas = list(meta["samples"])
         counts = [(str(m["key"]), int(m["num_text"]), int(m["num_visual"]),
                    None if m.get("autocorr_rank") is None else int(m["autocorr_rank"]),
-                   float(m.get("autocorr_share") or 0.0)) for m in metas]
+                   float(m.get("autocorr_share") or 0.0),
+                   None if m.get("autocorr_tail") is None else float(m["autocorr_tail"])) for m in metas]
     except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"response header is missing or has a malformed field ({e})") from None
-    if any(r is not None and (r < 0 or r > nv or not 0.0 <= s <= 1.0) for _, _, nv, r, s in counts):
+    if any(r is not None and (r < 0 or r > nv or not 0.0 <= s <= 1.0) for _, _, nv, r, s, _ in counts):
         raise WireError("response header: an autocorr_rank outside [0, num_visual] or a share outside [0, 1]")
-    rows = sum(t + v for _, t, v, _, _ in counts)
+    if any(t is not None and not np.isfinite(t) for *_, t in counts):
+        raise WireError("response header: an autocorr_tail that is not a finite number")
+    rows = sum(t + v for _, t, v, _, _, _ in counts)
     ids = _require(arrays, "ids", rows, "num_text + num_visual")
     lps = _require(arrays, "logprobs", rows, "num_text + num_visual")
     tail = _require(arrays, "tail", rows, "num_text + num_visual")
-    codes = _require(arrays, "autocorr_codes", sum(v * r for _, _, v, r, _ in counts if r), "autocorr sizes")
-    scale = _require(arrays, "autocorr_scale", sum(r for _, _, _, r, _ in counts if r), "autocorr ranks")
+    codes = _require(arrays, "autocorr_codes", sum(v * r for _, _, v, r, _, _ in counts if r), "autocorr sizes")
+    scale = _require(arrays, "autocorr_scale", sum(r for _, _, _, r, _, _ in counts if r), "autocorr ranks")
     if ids.ndim != 2 or ids.shape[1] != k or lps.shape != ids.shape:
         raise WireError(f"ids {ids.shape} / logprobs {lps.shape} are not [N, k={k}]")
     if codes.dtype != np.int8 or scale.dtype != np.float32:
         raise WireError(f"autocorr_codes {codes.dtype} / autocorr_scale {scale.dtype} must be |i1 / <f4")
     out, row, a, c = [], 0, 0, 0
-    for key, nt, nv, rank, share in counts:
+    for key, nt, nv, rank, share, tail_trace in counts:
         text = SparseTopK(ids[row:row + nt].astype(np.int64), lps[row:row + nt].copy(), tail[row:row + nt].copy())
         row += nt
         visual = autocorr = None
@@ -333,7 +337,8 @@ def decode_response(data: bytes | bytearray | memoryview) -> TargetsResponse:
                                 tail[row:row + nv].copy())
             row += nv
         if rank is not None and nv:
-            autocorr = AutocorrFactor(codes[a:a + rank * nv].reshape(rank, nv).copy(), scale[c:c + rank].copy(), share)
+            autocorr = AutocorrFactor(codes[a:a + rank * nv].reshape(rank, nv).copy(), scale[c:c + rank].copy(), share,
+                                      tail_trace)
             a, c = a + rank * nv, c + rank
         out.append(SampleTargets(key, text, visual, autocorr))
     return TargetsResponse(out, k, int(meta.get("vocab_limit") or 0), str(meta.get("teacher_fingerprint", "")))

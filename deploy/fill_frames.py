@@ -76,7 +76,10 @@ def _header(frame: bytes, url: str):
         rank = np.array([-1 if m.get("autocorr_rank") is None else int(m["autocorr_rank"]) for m in metas],
                         dtype=np.int64)
         share = np.array([float(m.get("autocorr_share") or 0.0) for m in metas], dtype=np.float64)
-        arrays = {n: arrays[n] for n in ("ids", "logprobs", "tail", "autocorr_codes", "autocorr_scale")}
+        # the tail trace: NaN = not sent (a server that predates it), stored as unknown
+        arrays = dict(arrays, autocorr_tail=np.array([np.nan if m.get("autocorr_tail") is None
+                                                      else float(m["autocorr_tail"]) for m in metas], np.float64))
+        arrays = {n: arrays[n] for n in ("ids", "logprobs", "tail", "autocorr_codes", "autocorr_scale", "autocorr_tail")}
     except WireError as e:
         raise FrameError(f"server {url} sent an undecodable targets frame: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -93,6 +96,8 @@ def decode_block(frame: bytes, samples, meta: CacheMeta, url: str) -> dict[str, 
         raise FrameError(f"server {url} answered {len(keys)} samples for a request of {len(samples)}")
     if ((rank >= 0) & ((rank > nv) | (share < 0) | (share > 1) | np.isnan(share))).any():
         raise FrameError(f"server {url} sent an autocorr_rank outside [0, num_visual] or a share outside [0, 1]")
+    if np.isinf(a["autocorr_tail"]).any():
+        raise FrameError(f"server {url} sent an autocorr_tail that is not a finite number")
     has = rank >= 0
     rows, cols = int((nt + nv).sum()), int(rank[has].sum())
     if ids.ndim != 2 or ids.shape != (rows, k) or lp.shape != ids.shape or tail.shape != (rows,) or \
@@ -127,6 +132,7 @@ def decode_block(frame: bytes, samples, meta: CacheMeta, url: str) -> dict[str, 
         out[f"{kind}_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         out.update(_encode_topk(kind, k_ids, k_lp, k_tail, meta))
     out.update(_factors(codes, scale, nv, rank, share, has & (nv > 0) & want_ac, meta, samples, url))
+    out["autocorr_tail"] = np.where(has & (nv > 0) & want_ac, a["autocorr_tail"], 0.0).astype(np.float32)
     return out
 
 
@@ -134,7 +140,8 @@ def _factors(codes: np.ndarray, scale: np.ndarray, nv: np.ndarray, rank: np.ndar
              keep: np.ndarray, meta: CacheMeta, samples, url: str) -> dict[str, np.ndarray]:
     """The factors of the samples ``keep`` (the others' are not stored, as ``encode_record`` drops
     them) as the stored ``autocorr`` [columns, Nv] int8, ``autocorr_scale`` [columns] float32,
-    ``autocorr_share`` [samples] float32 and ``autocorr_offsets`` (columns per sample)."""
+    ``autocorr_share`` [samples] float32 and ``autocorr_offsets`` (columns per sample); the caller
+    adds ``autocorr_tail``."""
     has = rank >= 0
     ncols = np.where(keep, rank, 0)
     width = {int(v) for v in nv[keep & (rank > 0)]}

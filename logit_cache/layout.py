@@ -6,8 +6,8 @@ encoded), its key row and its per-sample values; ``concat_records`` turns record
 arrays (offsets from the row counts), ``SegmentData.record`` / the reader's fetches give records back,
 ``assemble`` decodes one. Compaction copies records between segments without decoding them.
 
-Format 2 is written; format 1 (float16 autocorrelation triangle, uint32 ids, no chunk checksums) is
-read only.
+Format 3 is written; format 2 (no per-sample tail trace) and format 1 (float16 autocorrelation
+triangle, uint32 ids, no chunk checksums) are read only.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ckd_common.keys import KEY_HEX_CHARS
 from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK
 
 from .encoding import decode_q8, encode_q8, ids_hi_bits, join_ids, split_ids, unpack_autocorr
-from .meta import CacheMeta
+from .meta import FORMAT_VERSION, CacheMeta
 
 KEY_BYTES = KEY_HEX_CHARS // 2
 POSITION_KINDS = ("text", "visual")
@@ -45,10 +45,15 @@ def autocorr_arrays(meta: CacheMeta) -> list[str]:
     return ["autocorr"] if meta.format_version == 1 else ["autocorr", "autocorr_scale"]
 
 
+def per_sample_autocorr(meta: CacheMeta) -> list[str]:
+    """One value per sample: the factor's captured share (format >= 2) and tail trace (format >= 3)."""
+    return ["autocorr_share"][:meta.format_version >= 2] + ["autocorr_tail"][:meta.format_version >= 3]
+
+
 def index_arrays(meta: CacheMeta) -> list[str]:
     """Small per-sample arrays a reader loads whole when it opens a segment."""
     names = ["keys", "text_offsets", "visual_offsets", "autocorr_offsets"]
-    return names + (["autocorr_share"] if meta.format_version >= 2 else [])
+    return names + per_sample_autocorr(meta)
 
 
 def array_names(meta: CacheMeta) -> list[str]:
@@ -56,14 +61,14 @@ def array_names(meta: CacheMeta) -> list[str]:
     for kind in POSITION_KINDS:
         names += [f"{kind}_offsets"] + [f"{kind}_{s}" for s in position_suffixes(meta)]
     names += ["autocorr_offsets", *autocorr_arrays(meta)]
-    return names + (["autocorr_share"] if meta.format_version >= 2 else [])
+    return names + per_sample_autocorr(meta)
 
 
 def chunk_shape(name: str, a: np.ndarray, chunk_rows: int) -> tuple[int, ...]:
     """The chunk of each array (format 1 and 2): per-sample arrays in one chunk, position arrays
     ``chunk_rows`` rows, factor columns ~AUTOCORR_CHUNK_BYTES (so a read decodes 1-2 chunks)."""
     n = max(len(a), 1)
-    if name == "keys" or name.endswith("offsets") or name == "autocorr_share":
+    if name == "keys" or name.endswith("offsets") or name in ("autocorr_share", "autocorr_tail"):
         rows = n
     elif name == "autocorr" and a.ndim == 2:
         rows = 1 << max(0, (AUTOCORR_CHUNK_BYTES // max(a.shape[1], 1)).bit_length() - 1)
@@ -77,13 +82,14 @@ def chunk_shape(name: str, a: np.ndarray, chunk_rows: int) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# encoding (format 2)
+# encoding (format 3)
 def key_row(key: str) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(key), dtype=np.uint8)
 
 
 def encode_record(s: SampleTargets, meta: CacheMeta) -> dict[str, np.ndarray]:
-    """One sample -> its record (format 2). The autocorrelation must already be an AutocorrFactor."""
+    """One sample -> its record (format 3). The autocorrelation must already be an AutocorrFactor.
+    A factor without a tail trace (from a server that predates it) stores NaN: unknown."""
     rec: dict[str, np.ndarray] = {"keys": key_row(s.key)[None]}
     hb, k = ids_hi_bits(meta.vocab_size), meta.k
     for kind in POSITION_KINDS:
@@ -105,6 +111,8 @@ def encode_record(s: SampleTargets, meta: CacheMeta) -> dict[str, np.ndarray]:
     rec["autocorr"] = f.codes if f is not None else np.zeros((0, nv), np.int8)
     rec["autocorr_scale"] = f.scale.astype(np.float32) if f is not None else np.zeros(0, np.float32)
     rec["autocorr_share"] = np.array([f.share if f is not None else 0.0], np.float32)
+    tail = np.nan if f is not None and f.tail_trace is None else (f.tail_trace if f is not None else 0.0)
+    rec["autocorr_tail"] = np.array([tail], np.float32)
     return rec
 
 
@@ -114,8 +122,8 @@ def record_nbytes(rec: dict[str, np.ndarray]) -> int:
 
 def concat_records(records: Sequence[dict[str, np.ndarray]], meta: CacheMeta) -> dict[str, np.ndarray]:
     """Records -> the arrays of one segment (format 2), offsets derived from the row counts."""
-    if meta.format_version != 2:
-        raise ValueError(f"concat_records writes format 2, not {meta.format_version}")
+    if meta.format_version != FORMAT_VERSION:
+        raise ValueError(f"concat_records writes format {FORMAT_VERSION}, not {meta.format_version}")
     out: dict[str, np.ndarray] = {"keys": np.concatenate([r["keys"] for r in records]) if records
                                   else np.zeros((0, KEY_BYTES), np.uint8)}
     k, hb = meta.k, ids_hi_bits(meta.vocab_size)
@@ -137,8 +145,8 @@ def concat_records(records: Sequence[dict[str, np.ndarray]], meta: CacheMeta) ->
     out["autocorr"] = np.concatenate(cols) if cols else np.zeros((0, nv), np.int8)
     out["autocorr_scale"] = (np.concatenate([r["autocorr_scale"] for r in records]) if records
                              else np.zeros(0, np.float32))
-    out["autocorr_share"] = (np.concatenate([r["autocorr_share"] for r in records]) if records
-                             else np.zeros(0, np.float32))
+    for name in per_sample_autocorr(meta):
+        out[name] = np.concatenate([r[name] for r in records]) if records else np.zeros(0, np.float32)
     return out
 
 
@@ -154,8 +162,8 @@ def concat_blocks(blocks: Sequence[dict[str, np.ndarray]], meta: CacheMeta) -> d
     output, ``decode_block``'s, ``take_rows``') -> one block: arrays concatenated, ``*_offsets``
     re-based. Equal to ``concat_records`` of all their records (tests/test_fill_frames.py). One
     block is returned as it is (no copy)."""
-    if meta.format_version != 2:
-        raise ValueError(f"concat_blocks writes format 2, not {meta.format_version}")
+    if meta.format_version != FORMAT_VERSION:
+        raise ValueError(f"concat_blocks writes format {FORMAT_VERSION}, not {meta.format_version}")
     if len(blocks) == 1:
         return blocks[0]
     if not blocks:
@@ -176,10 +184,10 @@ def concat_blocks(blocks: Sequence[dict[str, np.ndarray]], meta: CacheMeta) -> d
 def take_rows(meta: CacheMeta, arrays: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
     """Samples ``rows`` of a format-2 segment's ``arrays`` as a block of their stored bytes (nothing
     decoded): ``concat_records([record_of(...) for each row])``, without a dict per sample."""
-    if meta.format_version != 2:
-        raise ValueError(f"take_rows copies format 2, not {meta.format_version}")
+    if meta.format_version != FORMAT_VERSION:
+        raise ValueError(f"take_rows copies format {FORMAT_VERSION}, not {meta.format_version}")
     rows = np.asarray(rows, dtype=np.int64)
-    out = {"keys": arrays["keys"][rows], "autocorr_share": arrays["autocorr_share"][rows]}
+    out = {name: arrays[name][rows] for name in ["keys", *per_sample_autocorr(meta)]}
     for prefix, names in [(kind, [f"{kind}_{s}" for s in position_suffixes(meta)]) for kind in POSITION_KINDS] + \
             [("autocorr", autocorr_arrays(meta))]:
         o = arrays[f"{prefix}_offsets"]
@@ -214,8 +222,8 @@ def record_of(meta: CacheMeta, index: dict[str, np.ndarray], i: int, parts: dict
     """The record of sample ``i`` from its fetched slices (``parts``) and the segment's index."""
     rec = dict(parts)
     rec["keys"] = np.asarray(index["keys"][i:i + 1], np.uint8).reshape(1, KEY_BYTES)
-    if meta.format_version >= 2:
-        rec["autocorr_share"] = np.asarray(index["autocorr_share"][i:i + 1], np.float32)
+    for name in per_sample_autocorr(meta):
+        rec[name] = np.asarray(index[name][i:i + 1], np.float32)
     return rec
 
 
@@ -240,10 +248,12 @@ def assemble(key: str, meta: CacheMeta, rec: dict[str, np.ndarray]) -> SampleTar
         codes = np.asarray(rec["autocorr"], np.int8)
         if codes.size == 0:  # rank 0: R = 0, the rows come back as [0, Nv] of this sample's width
             codes = codes.reshape(0, visual.num_positions)
-        ac = AutocorrFactor(codes, np.asarray(rec["autocorr_scale"], np.float32), float(rec["autocorr_share"][0]))
+        tail = float(rec["autocorr_tail"][0]) if "autocorr_tail" in rec else np.nan  # format 2: unknown
+        ac = AutocorrFactor(codes, np.asarray(rec["autocorr_scale"], np.float32), float(rec["autocorr_share"][0]),
+                            None if np.isnan(tail) else tail)
     return SampleTargets(key=key, text=text, visual=visual, autocorr=ac)
 
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "KEY_BYTES", "POSITION_KINDS", "array_names", "assemble", "autocorr_arrays",
            "chunk_shape", "concat_blocks", "concat_records", "encode_record", "index_arrays", "key_row",
-           "position_suffixes", "record_nbytes", "record_of", "sample_slices", "take_rows"]
+           "per_sample_autocorr", "position_suffixes", "record_nbytes", "record_of", "sample_slices", "take_rows"]

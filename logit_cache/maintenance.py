@@ -114,6 +114,9 @@ def _check_segment(group: CacheGroup, m: Manifest, data: SegmentData) -> None:
         raise CacheCorruptError(f"{where}/autocorr_scale: scales must be finite and >= 0")
     if share.size and (not np.isfinite(share).all() or share.min() < 0 or share.max() > 1):
         raise CacheCorruptError(f"{where}/autocorr_share: shares must lie in [0, 1]")
+    tail = a.get("autocorr_tail")  # format 3; NaN = unknown (a server that predates it)
+    if tail is not None and (len(tail) != m.num_samples or np.isinf(tail).any()):
+        raise CacheCorruptError(f"{where}/autocorr_tail: {len(tail)} values for {m.num_samples} samples, or infinite ones")
     if ((ranks > 0) & (nv_rows == 0)).any() or (ranks > nv_rows).any():
         raise CacheCorruptError(f"{where}/autocorr_offsets: a sample has factor columns without (or beyond) its "
                                 f"visual positions")

@@ -18,8 +18,8 @@ from .errors import CacheMismatchError, UnknownFormatVersion
 if TYPE_CHECKING:
     from ckd_common.data import PreparedDataset
 
-FORMAT_VERSION = 2        # written by this version (FORMAT.md)
-SUPPORTED_VERSIONS = (1, 2)  # read by this version: 1 read-only
+FORMAT_VERSION = 3        # written by this version (FORMAT.md)
+SUPPORTED_VERSIONS = (1, 2, 3)  # read by this version: 1 and 2 read-only
 ATTR_KEY = "logit_cache"  # the group attribute holding CacheMeta
 VALUE_ENCODINGS = ("f16", "q8")  # how stored log-probs are encoded (FORMAT.md, encoding.py)
 DEFAULT_VALUE_ENCODING = "f16"

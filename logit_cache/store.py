@@ -457,9 +457,11 @@ class CacheWriter:
         if sorted(block) != sorted(names):
             raise ValueError(f"an encoded block must hold exactly the arrays {names}, not {sorted(block)}")
         n = len(block["keys"])
-        if block["keys"].shape != (n, KEY_BYTES) or block["autocorr_share"].shape != (n,):
+        if block["keys"].shape != (n, KEY_BYTES) or block["autocorr_share"].shape != (n,) or \
+                block["autocorr_tail"].shape != (n,):
             raise ValueError(f"encoded block: keys {block['keys'].shape} / autocorr_share "
-                             f"{block['autocorr_share'].shape} are not [{n}, {KEY_BYTES}] / [{n}]")
+                             f"{block['autocorr_share'].shape} / autocorr_tail {block['autocorr_tail'].shape} "
+                             f"are not [{n}, {KEY_BYTES}] / [{n}] / [{n}]")
         for kind, rows in (("text", "text_ids"), ("visual", "visual_ids"), ("autocorr", "autocorr")):
             o = block[f"{kind}_offsets"]
             if len(o) != n + 1 or o[0] != 0 or (np.diff(o) < 0).any() or o[-1] != len(block[rows]):

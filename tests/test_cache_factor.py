@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ckd_common.kd import KDWeights, collate_targets, fused_kd_loss, kd_loss_from_logits, lm_head_gram, rel_loss
+from ckd_common.kd.reference import rel_loss_tail_dense
 from ckd_common.kd.relation import (FactorTarget, factor_autocorr, factor_dense, rel_loss_factored, relation_loss,
-                                    share_error_bound)
+                                    relation_target, share_error_bound)
 from ckd_common.kd.terms import gram_autocorr
 from ckd_common.targets import AutocorrFactor, SampleTargets, SparseTopK, dense_autocorr
 from logit_cache.synthetic import teacher_like_autocorr
@@ -33,7 +34,7 @@ def _residual(r: torch.Tensor, codes, scale, rank) -> float:
 @pytest.mark.parametrize("n, true_rank", [(6, 6), (40, 12), (200, 60)])  # eigh path, eigh, subspace path
 def test_stored_share_is_the_real_error_and_the_rank_is_minimal(n, true_rank):
     r = _psd(n, true_rank, seed=n)
-    codes, scale, rank, share = factor_autocorr(r, share=0.999, max_rank=64)
+    codes, scale, rank, share, tail = factor_autocorr(r, share=0.999, max_rank=64)
     rank = int(rank)
     assert codes.dtype == torch.int8 and codes.shape == (min(64, n), n)
     assert abs(_residual(r, codes, scale, rank) - (1 - float(share))) < 1e-6  # quantisation included
@@ -43,18 +44,36 @@ def test_stored_share_is_the_real_error_and_the_rank_is_minimal(n, true_rank):
     assert float(w[:rank].square().sum()) >= 0.999 - 1e-6
     assert float(w[:rank - 1].square().sum()) < 0.999
     assert not codes[rank:].any() and not scale[rank:].any()
+    # the tail trace is what the stored factor leaves out of tr(R^)
+    u = (codes[:rank].double() * scale[:rank, None].double()).T
+    rn = r.double() / r.double().norm()
+    assert abs(float(tail) - float(torch.trace(rn) - u.square().sum())) < 1e-5
 
+
+def test_head_columns_are_int8_trailing_ones_coarse_within_the_budget():
+    """Columns up to head_share of ||R||_F^2 use the int8 range, later ones [-7, 7]; a head column
+    counts two against max_rank (the byte budget), so a flat spectrum keeps max_rank - head columns."""
+    r = _psd(200, 200, seed=3, decay=0.995)
+    codes, scale, rank, share, tail = factor_autocorr(r, share=0.9999, max_rank=60, head_share=0.5)
+    w = torch.linalg.eigvalsh(r.double() / r.double().norm()).flip(0).clamp_min(0)
+    head = int((w.square().cumsum(0) < 0.5).sum()) + 1
+    assert int(rank) == 60 - head and head > 1
+    assert codes[:head].abs().amax(1).min() == 127
+    assert codes[head:int(rank)].abs().max() == 7 and not codes[int(rank):].any()
+    assert abs(_residual(r, codes, scale, int(rank)) - (1 - float(share))) < 1e-6
+    assert float(tail) > 0  # a flat spectrum cut by the budget leaves much out
 
 def test_cap_batch_zero_and_scale_invariance():
     rs = torch.stack([_psd(50, 50, seed=1, decay=0.99), torch.zeros(50, 50), _psd(50, 3, seed=2)])
-    codes, scale, rank, share = factor_autocorr(rs, share=0.9999, max_rank=5)
-    assert rank.tolist()[0] == 5 and float(share[0]) < 0.9999      # capped: the share says what is kept
+    codes, scale, rank, share, tail = factor_autocorr(rs, share=0.9999, max_rank=10)
+    assert rank.tolist()[0] == 10 - 5 and float(share[0]) < 0.9999  # capped (5 head columns count two)
     assert rank.tolist()[1] == 0 and float(share[1]) == 1.0          # R = 0 is stored exactly, as rank 0
     assert rank.tolist()[2] == 3
-    one = factor_autocorr(rs[2] * 1e7, share=0.9999, max_rank=5)     # raw entries reach 1e6-1e8: same factor
+    assert float(tail[0]) > 0 and float(tail[1]) == 0.0              # capped: much left out; R = 0: nothing
+    one = factor_autocorr(rs[2] * 1e7, share=0.9999, max_rank=10)    # raw entries reach 1e6-1e8: same factor
     assert torch.equal(one[0], codes[2]) and torch.allclose(one[1], scale[2] * 1, rtol=1e-5)
-    again = factor_autocorr(rs, share=0.9999, max_rank=5)            # deterministic (fixed-seed subspace start)
-    assert all(torch.equal(x, y) for x, y in zip(again, (codes, scale, rank, share)))
+    again = factor_autocorr(rs, share=0.9999, max_rank=10)           # deterministic (fixed-seed subspace start)
+    assert all(torch.equal(x, y) for x, y in zip(again, (codes, scale, rank, share, tail)))
 
 
 def test_teacher_like_factor_meets_its_bound():
@@ -70,6 +89,8 @@ def test_teacher_like_factor_meets_its_bound():
         dense = float(rel_loss(gram_autocorr(h, gram=g), torch.from_numpy(r).double(), variant))
         fact = float(relation_loss(h, g, FactorTarget(torch.from_numpy(f.factor()).double()), variant))
         assert abs(dense - fact) <= share_error_bound(f.share) / 5  # the bound is a worst case: far inside it
+        corr = float(relation_loss(h, g, relation_target(f), variant))  # with the tail estimate
+        assert f.tail_trace is not None and abs(dense - corr) <= share_error_bound(f.share) / 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +114,30 @@ def test_factored_relation_term_equals_dense(variant, nv, d):
     a = torch.autograd.grad(rel_loss_factored(h, g, u, variant), g)[0]
     b = torch.autograd.grad(rel_loss(gram_autocorr(h, gram=g), u @ u.T, variant), g)[0]
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", ["flat", "column"])
+@pytest.mark.parametrize("nv, d, r", [(7, 12, 3), (12, 5, 3), (9, 6, 0), (6, 8, 6)])  # both paths, rank 0, full rank
+def test_tail_corrected_factored_term_equals_its_dense_version(variant, nv, d, r):
+    """With a tail trace the factored term (Grams, Q = orth(U)) equals the plain dense estimate
+    U U^T + c P (reference.rel_loss_tail_dense), values and gradients w.r.t. H, W and any G."""
+    torch.manual_seed(nv * d + r)
+    h = torch.randn(nv, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, d, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(nv, r, dtype=torch.float64) * 0.3
+    tau = 0.07
+    fact = rel_loss_factored(h, lm_head_gram(w), u, variant, tau)
+    dense = rel_loss_tail_dense(gram_autocorr(h, w), u, tau, variant)
+    torch.testing.assert_close(fact, dense)
+    for a, b in zip(torch.autograd.grad(fact, (h, w)), torch.autograd.grad(dense, (h, w))):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda h, w: rel_loss_factored(h, lm_head_gram(w), u, variant, tau), (h, w))
+    g = torch.randn(d, d, dtype=torch.float64, requires_grad=True)
+    a = torch.autograd.grad(rel_loss_factored(h, g, u, variant, tau), g)[0]
+    b = torch.autograd.grad(rel_loss_tail_dense(gram_autocorr(h, gram=g), u, tau, variant), g)[0]
+    torch.testing.assert_close(a, b)
+    f32 = rel_loss_factored(h.detach().float() * 300, lm_head_gram(w.detach().float()), u.float(), variant, tau)
+    assert abs(f32.item() - dense.item()) < 1e-4  # float32, large entries: the unit scaling keeps it exact enough
 
 
 def test_factored_term_float32_at_large_scale_and_zero_targets():
@@ -121,7 +166,7 @@ def _batch(seed: int, vocab: int, nv: int, factor: bool):
         h = rng.standard_normal((nv, 3))
         r = h @ h.T
         r /= np.linalg.norm(r)
-        ac = factor_dense(r) if factor else r.astype(np.float32)
+        ac = factor_dense(r, max_rank=4) if factor else r.astype(np.float32)  # rank 3 of 5 kept: a tail
         labels[b, 9:13] = torch.as_tensor(rng.integers(0, vocab, 4))
         samples.append(SampleTargets(f"{b:032x}", topk(4), topk(nv), ac))
     return samples, labels
@@ -130,10 +175,14 @@ def _batch(seed: int, vocab: int, nv: int, factor: bool):
 @pytest.mark.parametrize("variant", ["flat", "column"])
 def test_fused_loss_from_factors_equals_dense_targets_of_the_same_matrix(variant):
     """collate -> fused_kd_loss with factor targets = with the dense matrices U U^T (values, dH, dW),
-    and the test oracle (from logits) agrees."""
+    and the test oracle (from logits) agrees; with their tail traces, the oracle's dense estimate agrees."""
     vocab, nv, d = 40, 5, 6
     samples, labels = _batch(0, vocab, nv, factor=True)
     dense = [SampleTargets(s.key, s.text, s.visual, dense_autocorr(s.autocorr)) for s in samples]
+    with_tail = collate_targets(samples)
+    assert all(t.tail_trace is not None for t in with_tail.autocorr)
+    samples = [SampleTargets(s.key, s.text, s.visual, AutocorrFactor(s.autocorr.codes, s.autocorr.scale,
+                                                                      s.autocorr.share)) for s in samples]
     tf, td = collate_targets(samples), collate_targets(dense)
     assert isinstance(tf.autocorr[0], FactorTarget) and td.autocorr[0].shape == (nv, nv)
     torch.manual_seed(1)
@@ -153,6 +202,13 @@ def test_fused_loss_from_factors_equals_dense_targets_of_the_same_matrix(variant
     logits = (hidden @ weight.T).requires_grad_()
     ref = kd_loss_from_logits(logits, labels, tf, [1, 2], weights=KDWeights(rel=3.0), rel_variant=variant)
     torch.testing.assert_close(ref["rel"], rf["rel"])
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    res = fused_kd_loss(h, w, labels, with_tail, [1, 2], weights=KDWeights(rel=3.0), rel_variant=variant, chunk_size=4)
+    res["total"].backward()
+    z = (hidden @ weight.T).requires_grad_()
+    ref = kd_loss_from_logits(z, labels, with_tail, [1, 2], weights=KDWeights(rel=3.0), rel_variant=variant)
+    torch.testing.assert_close(ref["rel"], res["rel"])
+    assert abs(float(res["rel"]) - float(rf["rel"])) > 1e-6  # the tail estimate changed the term
 
 
 def test_teacher_runner_factor_against_its_dense_oracle(tiny_models, synth_dir):

@@ -83,7 +83,7 @@ def test_round_trip(tmp_path, enc):
     assert set(seq) == {s.key for s in samples}
     assert verify(g, progress=False)["samples"] == 40
     rep = info(g)
-    assert rep["format_version"] == 2 and rep["image_samples"] == sum(s.visual is not None for s in samples)
+    assert rep["format_version"] == 3 and rep["image_samples"] == sum(s.visual is not None for s in samples)
     assert rep["bytes_per_image_sample"] > 0 and rep["stored_bytes_by_array"]["autocorr"] > 0
     fac = rep["autocorr_factor"]
     assert 0 < fac["rank_max"] <= NV and 0.999 < fac["share_min"] <= 1 and fac["worst_rel_loss_error_bound"] < 0.07
@@ -134,7 +134,7 @@ def test_plain_zarr_read_follows_format_md(tmp_path, enc, vocab):
     k, vocab_size, i = K, vocab, row
     # -- plain zarr from here on (the FORMAT.md snippet, for text and visual) --------------------
     grp = zarr.open_group(f"{root}/qwen2_base__ds0123456789abcd", mode="r")
-    assert grp.attrs["logit_cache"]["format_version"] == 2
+    assert grp.attrs["logit_cache"]["format_version"] == 3
     seg = zarr.open_group(f"{root}/qwen2_base__ds0123456789abcd/segments/{seg_id}", mode="r")
     assert bytes(seg["keys"][i]).hex() == target.key
 

@@ -49,7 +49,7 @@ def _samples(n, vocab=1000, k=8, salt="") -> list[SampleTargets]:
                                                   np.zeros(0, np.float32)), out[0].visual, out[0].autocorr)
     if n > 4:
         out[4] = SampleTargets(out[4].key, out[4].text, out[4].visual,
-                               AutocorrFactor(np.zeros((0, NV), np.int8), np.zeros(0, np.float32), 1.0))
+                               AutocorrFactor(np.zeros((0, NV), np.int8), np.zeros(0, np.float32), 1.0, 0.0))
     return out
 
 
@@ -146,6 +146,38 @@ def test_add_encoded_stores_what_add_stores(tmp_path):
             np.testing.assert_array_equal(x.autocorr.codes, y.autocorr.codes)
             np.testing.assert_array_equal(x.autocorr.scale, y.autocorr.scale)
             assert x.autocorr.share == y.autocorr.share
+            assert x.autocorr.tail_trace == y.autocorr.tail_trace
+
+
+def test_a_frame_without_tail_traces_stores_them_as_unknown(tmp_path):
+    """A server that predates the tail trace (no ``autocorr_tail`` in the header): the factor is
+    stored with NaN, read back as tail_trace None (the uncorrected relation term)."""
+    import json
+
+    from ckd_common.wire import RESPONSE_MAGIC, decode_frame, encode_frame
+
+    meta = _meta()
+    targets = _samples(6)
+    assert any(t.autocorr is not None and t.autocorr.tail_trace is not None for t in targets)
+    head, arrays = decode_frame(encode_response(TargetsResponse(targets, 8, 1000)), RESPONSE_MAGIC)
+    head = json.loads(json.dumps(head))
+    for m in head["samples"]:
+        m.pop("autocorr_tail", None)
+    old = encode_frame(RESPONSE_MAGIC, head, dict(arrays))
+    assert all(t.autocorr is None or t.autocorr.tail_trace is None for t in decode_response(old).targets)
+    group = open_group(tmp_path / "g", meta=meta, create=True)
+    with group.writer() as w:
+        w.add_encoded(decode_block(old, _request(targets), meta, "u"))
+    r = CacheReader(group)
+    with_factor = [t for t in targets if t.autocorr is not None]
+    assert with_factor and all(r.get(t.key).autocorr.tail_trace is None for t in with_factor)
+    fresh = open_group(tmp_path / "h", meta=meta, create=True)  # the same targets with the header field
+    with fresh.writer() as w:
+        w.add_encoded(decode_block(encode_response(TargetsResponse(targets, 8, 1000)), _request(targets), meta, "u"))
+    r = CacheReader(fresh)
+    for t in with_factor:
+        got = r.get(t.key).autocorr.tail_trace
+        assert got == t.autocorr.tail_trace or abs(got - t.autocorr.tail_trace) < 1e-6
 
 
 def test_a_writer_commits_segments_by_rows_and_bytes(tmp_path):

@@ -33,7 +33,8 @@ def test_request_roundtrip():
 def test_response_roundtrip_is_exact():
     rng = np.random.default_rng(1)
     k, nv, rank = 8, 6, 3
-    ac = AutocorrFactor(rng.integers(-127, 128, (rank, nv)).astype(np.int8), rng.random(rank).astype(np.float32), 0.9)
+    ac = AutocorrFactor(rng.integers(-127, 128, (rank, nv)).astype(np.int8), rng.random(rank).astype(np.float32), 0.9,
+                        0.0123)
     ts = [SampleTargets("a" * 32, _topk(rng, 5, k, 100), _topk(rng, nv, k, 100), ac),
           SampleTargets("b" * 32, _topk(rng, 3, k, 100)),
           SampleTargets("c" * 32, _topk(rng, 0, k, 100))]
@@ -53,7 +54,7 @@ def test_response_roundtrip_is_exact():
     f = got.targets[0].autocorr
     np.testing.assert_array_equal(f.codes, ac.codes)
     np.testing.assert_array_equal(f.scale, ac.scale)
-    assert f.share == ac.share
+    assert f.share == ac.share and f.tail_trace == ac.tail_trace
     assert got.targets[1].autocorr is None
 
 

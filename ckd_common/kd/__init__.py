@@ -11,7 +11,7 @@ teacher_targets.py  teacher side: sparse targets and the autocorrelation target
     teacher_targets_from_hidden(hidden, weight, k, ...)     -> ids, logprobs, tail
     normalized_autocorr(hidden, weight | gram)              -> R / ||R||_F  [Nv, Nv] float32
 relation.py         the autocorrelation as a low-rank factor (the stored form): teacher-side
-    factor_autocorr(R) -> int8 factor + captured share; student-side relation_loss(h, G, target)
+    factor_autocorr(R) -> int8 factor + captured share + tail trace; student-side relation_loss(h, G, target)
     from a dense target or a FactorTarget without the teacher's Nv x Nv matrix
 batch.py            BatchTargets / collate_targets(list[SampleTargets]) -> batched sparse targets
 divergences.py      the divergences of the (k+1)-bucket coarsening, teacher and student side

@@ -14,6 +14,10 @@ dense_divergence
     (F.kl_div with log targets, the JSD mixture by logsumexp, beta = 0 / 1 as KL branches): the
     oracle the (k+1)-bucket divergences are checked against, on the full vocabulary (k = V) and on
     explicitly bucketed distributions (k < V).
+rel_loss_tail_dense
+    The relation term of a factor target with its tail trace, the plain way: rel_loss against the
+    dense estimate T = U U^T + c P (c = tau / (Nv - r), P = I - U U^+ the projector onto the
+    complement of U's columns). rel_loss_factored(..., tail_trace) must equal it, values and gradients.
 """
 from __future__ import annotations
 
@@ -25,11 +29,22 @@ import torch.nn.functional as F
 from ckd_common.kd.batch import BatchTargets, Rows, build_rows
 from ckd_common.kd.divergences import divergence_of_rows, teacher_buckets
 from ckd_common.kd.objective import KDObjective, check_divergence
-from ckd_common.kd.relation import dense_target
+from ckd_common.kd.relation import FactorTarget, dense_target
 from ckd_common.kd.terms import IGNORE_INDEX, compute_dtype, mean_over_samples, rel_loss, response_mask, zero_like_graph
 from ckd_common.kd.weights import KDWeights, require_weights
 
-__all__ = ["dense_divergence", "kd_loss_from_logits", "llava_kd_loss_dense"]
+__all__ = ["dense_divergence", "kd_loss_from_logits", "llava_kd_loss_dense", "rel_loss_tail_dense"]
+
+
+def rel_loss_tail_dense(student_R: torch.Tensor, u: torch.Tensor, tail_trace: float, variant: str = "flat"
+                        ) -> torch.Tensor:
+    """rel_loss of student_R [Nv, Nv] against the tail-corrected estimate of a factor target (module
+    docstring), every matrix materialised. Float64."""
+    u = u.detach().double()
+    nv, r = u.shape
+    p = torch.eye(nv, dtype=torch.float64) - u @ torch.linalg.pinv(u)
+    c = tail_trace / (nv - r) if nv > r else 0.0
+    return rel_loss(student_R.double(), u @ u.T + c * p, variant)
 
 
 def dense_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl",
@@ -161,7 +176,10 @@ def _rel_term(
             continue
         if tuple(r_t.shape) != (nv, nv):
             raise ValueError(f"sample {b}: teacher autocorr {tuple(r_t.shape)} != ({nv}, {nv})")
-        terms.append(rel_loss(per_sample_R(b, v0, nv), dense_target(r_t), variant))
+        if isinstance(r_t, FactorTarget) and r_t.tail_trace is not None:
+            terms.append(rel_loss_tail_dense(per_sample_R(b, v0, nv), r_t.u, r_t.tail_trace, variant))
+        else:
+            terms.append(rel_loss(per_sample_R(b, v0, nv), dense_target(r_t), variant))
     return mean_over_samples(terms, zero)
 
 

@@ -108,7 +108,7 @@ class NullEngine(Engine):
 
     def _autocorr_pool(self, nv: int) -> list[AutocorrFactor]:
         """Factors of teacher-like autocorrelations of Nv visual tokens, as a teacher sends them
-        (``factor_autocorr`` at its default share and rank cap: 10-80 int8 columns at Nv = 728)."""
+        (``factor_autocorr`` at its default share and rank cap: 10-160 int8 columns at Nv = 728)."""
         with self._lock:
             if nv not in self._autocorr:
                 import torch
@@ -119,8 +119,8 @@ class NullEngine(Engine):
                 rng = np.random.default_rng(nv)
                 model = TeacherLikeModel(max(8, min(self._hidden or AUTOCORR_MAX_D, AUTOCORR_MAX_D)), rng)
                 dense = np.stack([model.autocorr(model.hidden(nv, rng)) for _ in range(POOL_AUTOCORR)])
-                codes, scale, rank, share = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
-                self._autocorr[nv] = [factor_to_numpy(c, s, r, g) for c, s, r, g in zip(codes, scale, rank, share)]
+                outs = (t.numpy() for t in factor_autocorr(torch.from_numpy(dense)))
+                self._autocorr[nv] = [factor_to_numpy(*f) for f in zip(*outs)]
             return self._autocorr[nv]
 
     @staticmethod
