@@ -28,7 +28,17 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 CATEGORIES = ("colour", "shape", "count", "position", "existence")
 IMAGE_SIZE = 112
-EXISTENCE = "pair"
+# The tiny presets' frozen random tower is a linear map of each cell's pixels (ckd_common.model.TINY_VISION).
+# On a near-white background every visual token carried a large common offset (the white) and the tiny
+# Teacher never learnt colour; mid-grey is 0 after SigLIP's normalisation, so a token is only its shape.
+# The black outline keeps shape and presence linearly readable on grey (a fixed-sign edge whatever the fill
+# colour): a linear probe on the tower's tokens reads occupancy and shape 100 % with it, 85 % / 80 % without.
+BACKGROUND = (128, 128, 128)
+OUTLINE = (0, 0, 0)
+OUTLINE_WIDTH = 4  # px at 112 = 1 px of the tiny tower's 28 px input
+# "attribute": one colour or one shape asked about, as POPE asks about one object; "pair" (colour AND shape)
+# is a conjunction over the cells that the tiny Teacher stayed at chance on in the demo's budget.
+EXISTENCE = "attribute"
 OBJECT_COUNTS = (1, 2, 3)
 OBJECT_WEIGHTS = (1, 1, 1)
 MARGIN = (6, 12)  # px between a shape and its cell's border (drawn at random in this range)
@@ -54,7 +64,7 @@ class Item:
 
 
 def _draw(items: list[Item], rng: random.Random) -> Image.Image:
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 240))
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     d = ImageDraw.Draw(img)
     half = IMAGE_SIZE // 2
     for it in items:
@@ -63,11 +73,12 @@ def _draw(items: list[Item], rng: random.Random) -> Image.Image:
         box = (x0 + m, y0 + m, x0 + half - m, y0 + half - m)
         col = COLOURS[it.colour]
         if it.shape == "square":
-            d.rectangle(box, fill=col)
+            d.rectangle(box, fill=col, outline=OUTLINE, width=OUTLINE_WIDTH)
         elif it.shape == "circle":
-            d.ellipse(box, fill=col)
+            d.ellipse(box, fill=col, outline=OUTLINE, width=OUTLINE_WIDTH)
         else:
-            d.polygon([((box[0] + box[2]) // 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=col)
+            d.polygon([((box[0] + box[2]) // 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=col,
+                      outline=OUTLINE, width=OUTLINE_WIDTH)
     return img
 
 
@@ -119,8 +130,14 @@ def question(items: list[Item], category: str, rng: random.Random) -> tuple[str,
 
 
 def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_instruct: int = 400,
-               n_eval: int = 200, text_only_fraction: float = 0.05, rounds: tuple[int, int] = (1, 3)) -> dict:
-    """Write pretrain.json, instruct.json, eval.jsonl and images/ under ``out_dir``."""
+               n_eval: int = 200, text_only_fraction: float = 0.05, rounds: tuple[int, int] = (1, 3),
+               short_answer: bool = True) -> dict:
+    """Write pretrain.json, instruct.json, eval.jsonl and images/ under ``out_dir``.
+
+    ``rounds``: questions per instruction image (drawn in this range, each of another category).
+    ``short_answer``: end every question with LLaVA-1.5's short-answer instruction (as real data does);
+    off, the sequences are about half as long, which buys a CPU demo twice the optimizer steps."""
+    suffix = SHORT_ANSWER if short_answer else ""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -153,7 +170,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_inst
         conv = []
         for r, cat in enumerate(rng.sample(CATEGORIES, rng.randint(*rounds))):
             q, a = question(items, cat, rng)
-            conv.append({"from": "human", "value": ("<image>\n" if r == 0 else "") + q + SHORT_ANSWER})
+            conv.append({"from": "human", "value": ("<image>\n" if r == 0 else "") + q + suffix})
             conv.append({"from": "gpt", "value": a})
         instruct.append({"id": f"it-{i:06d}", "image": name, "conversations": conv})
 
@@ -162,7 +179,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, n_pretrain: int = 400, n_inst
         name, items = new_image("ev", i)
         cat = CATEGORIES[i % len(CATEGORIES)]
         q, a = question(items, cat, rng)
-        evals.append({"question_id": f"ev-{i:06d}", "image": name, "text": q + SHORT_ANSWER,
+        evals.append({"question_id": f"ev-{i:06d}", "image": name, "text": q + suffix,
                       "answer": a, "category": cat})
 
     (out / "pretrain.json").write_text(json.dumps(pretrain, indent=1))

@@ -198,6 +198,22 @@ def test_synth_is_deterministic_and_well_formed(tmp_path, student):
         assert len(ds) == 10
 
 
+def test_synth_rounds_and_short_answer_knobs(tmp_path):
+    """rounds=(5, 5) asks every category once per instruction image; short_answer=False drops LLaVA-1.5's
+    short-answer instruction from instructions and held-out questions alike (they must match)."""
+    from ckd_common.synth import CATEGORIES, SHORT_ANSWER
+
+    synthesize(tmp_path, seed=4, n_pretrain=2, n_instruct=12, n_eval=10, rounds=(5, 5), short_answer=False,
+               text_only_fraction=0.0)
+    instruct = json.loads((tmp_path / "instruct.json").read_text())
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert all(len(r["conversations"]) == 2 * len(CATEGORIES) for r in instruct)
+    texts = [t["value"] for r in instruct for t in r["conversations"] if t["from"] == "human"] + [e["text"] for e in evals]
+    assert texts and not any(SHORT_ANSWER in t for t in texts)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in instruct)
+    assert sorted(e["category"] for e in evals) == sorted(CATEGORIES * 2)
+
+
 def test_prepare_report_counts_deviations_and_warnings(tmp_path, capsys):
     """`ckd data prepare` tells which samples are rendered differently from the reference."""
     from ckd_common.cli import main as ckd_main
