@@ -219,3 +219,73 @@ def test_grid_yaml_round_trip(env, tmp_path):
     assert cfg.seeds == [3, 4] and len(cfg.points) == 2
     d = json.loads(cfg.describe())
     assert [p["overrides"] for p in d["points"]] == [{"dft.beta": 0.5}, {"dft.beta": 1.0}]
+
+
+class _RecordingCascade:
+    """Stands in for deploy.cascade.Cascade in ``Ablation.run_point``: walks the point's steps the way
+    Cascade.train_stage does (under ``step_lock``, a step whose output exists is reused) and records who
+    computed what. ``barrier``: every point waits there first, which only passes if they run side by side."""
+
+    computed: list[str] = []
+    barrier = None
+    fail = None  # a point whose run directory contains this fails
+
+    def __init__(self, cfg, log, children):
+        self.cfg, self.children = cfg, children
+        self.step_lock = lambda out: __import__("contextlib").nullcontext()
+
+    def execute(self, stages):
+        if self.fail and self.fail in str(self.cfg.run_dir):
+            raise RuntimeError("point failed")
+        type(self).barrier.wait(timeout=60)
+        for stage in stages:
+            for step in stage.steps:
+                out = stage.step_out(step)
+                with self.step_lock(out):
+                    if not (out / "done").is_file():
+                        type(self).computed.append(str(out))
+                        out.mkdir(parents=True, exist_ok=True)
+                        (out / "done").write_text("1")
+        score = 10.0 * len(stages) + self.cfg.steps["dft"]["seed"]  # which point and seed produced it
+        return {"strategy": self.cfg.strategy, "optimizer_steps": 3 * len(stages), "teacher_samples": 0,
+                "eval": {"bench": "synth", "score": score, "n": 5}}
+
+
+def test_points_run_side_by_side_and_a_shared_step_is_computed_once(env, monkeypatch, tmp_path):
+    """workers=2: `single` and `repeat` (whose first stage is single's) run at the same time (both pass a
+    2-party barrier), every shared step directory is computed by exactly one of them, and the table keeps
+    the grid's order (points, seeds inside) whatever order they finish in."""
+    import threading
+
+    import deploy.ablate.run as run
+
+    monkeypatch.setattr(run, "Cascade", _RecordingCascade)
+    monkeypatch.setattr(_RecordingCascade, "computed", [])
+    monkeypatch.setattr(_RecordingCascade, "barrier", threading.Barrier(2))
+    cfg = _config(env, run_dir=str(tmp_path / "grid"), grid={"strategy": ["single", "repeat"]}, seeds=[0, 1]).validate()
+    abl = Ablation(cfg, log=lambda *_: None, workers=2)
+    report = abl.execute()
+    assert [r.label for r in report["rows"]] == [p.name for p in cfg.points]
+    assert [r.scores["synth"] for r in report["rows"]] == [[10.0, 11.0], [20.0, 21.0]]
+    expected = {str(s.step_out(st)) for p in cfg.points for seed in cfg.seeds
+                for s in abl.stages(cfg.point_config(p, seed)) for st in s.steps}
+    assert sorted(_RecordingCascade.computed) == sorted(expected)  # each once: single's 3 + repeat's 2nd stage's 3
+    assert len(expected) == 12  # per seed
+
+
+def test_a_failing_point_stops_the_others(env, monkeypatch, tmp_path):
+    """The first failure is raised and the shared children are stopped: the other points start nothing more."""
+    import threading
+
+    import deploy.ablate.run as run
+
+    monkeypatch.setattr(run, "Cascade", _RecordingCascade)
+    monkeypatch.setattr(_RecordingCascade, "barrier", threading.Barrier(1))
+    monkeypatch.setattr(_RecordingCascade, "fail", "repeat")
+    cfg = _config(env, run_dir=str(tmp_path / "grid"), grid={"strategy": ["single", "repeat"]}).validate()
+    abl = Ablation(cfg, log=lambda *_: None, workers=2)
+    with pytest.raises(RuntimeError, match="point failed"):
+        abl._run_all([(p, 0) for p in cfg.points])
+    assert abl.children._stopping
+    with pytest.raises(ValueError, match="workers"):
+        Ablation(cfg, workers=0)

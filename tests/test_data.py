@@ -198,6 +198,22 @@ def test_synth_is_deterministic_and_well_formed(tmp_path, student):
         assert len(ds) == 10
 
 
+def test_synth_rounds_and_short_answer_knobs(tmp_path):
+    """rounds=(5, 5) asks every category once per instruction image; short_answer=False drops LLaVA-1.5's
+    short-answer instruction from instructions and held-out questions alike (they must match)."""
+    from ckd_common.synth import CATEGORIES, SHORT_ANSWER
+
+    synthesize(tmp_path, seed=4, n_pretrain=2, n_instruct=12, n_eval=10, rounds=(5, 5), short_answer=False,
+               text_only_fraction=0.0)
+    instruct = json.loads((tmp_path / "instruct.json").read_text())
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert all(len(r["conversations"]) == 2 * len(CATEGORIES) for r in instruct)
+    texts = [t["value"] for r in instruct for t in r["conversations"] if t["from"] == "human"] + [e["text"] for e in evals]
+    assert texts and not any(SHORT_ANSWER in t for t in texts)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in instruct)
+    assert sorted(e["category"] for e in evals) == sorted(CATEGORIES * 2)
+
+
 def test_prepare_report_counts_deviations_and_warnings(tmp_path, capsys):
     """`ckd data prepare` tells which samples are rendered differently from the reference."""
     from ckd_common.cli import main as ckd_main
@@ -212,3 +228,29 @@ def test_prepare_report_counts_deviations_and_warnings(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 samples" in out and "1 sample(s): image field but no <image> in the text" in out
     assert "docs/templates.md" in out
+
+
+def test_synth_questions_are_answerable_from_the_scene():
+    """Each category's answer follows from the scene: existence asks about one place and is "yes" about half the
+    time; a position question names its object unambiguously, with as few attributes as do."""
+    import random
+    from collections import Counter
+
+    from ckd_common.synth import CELLS, SHAPES, _scene, question
+
+    rng, answers = random.Random(7), Counter()
+    for _ in range(2000):
+        items = _scene(rng)
+        q, a = question(items, "existence", rng)
+        cell = CELLS.index(q.removeprefix("Is there a shape at the ").removesuffix("?"))
+        assert a == ("yes" if any(it.cell == cell for it in items) else "no")
+        answers[a] += 1
+        q, a = question(items, "position", rng)
+        name = q.removeprefix("Where is the ").removesuffix("?").split()
+        matches = [it for it in items if all(w in (it.colour, it.shape, "shape") for w in name)]
+        assert len(matches) == 1 and CELLS[matches[0].cell] == a, (q, items)
+        if len(name) == 2 and name[1] == "shape":  # named by colour: its shape alone would not single it out
+            assert sum(it.shape == matches[0].shape for it in items) > 1
+        if len(name) == 1:
+            assert name[0] in SHAPES
+    assert 0.45 < answers["yes"] / sum(answers.values()) < 0.55

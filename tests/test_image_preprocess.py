@@ -94,7 +94,7 @@ def test_collate_and_teacher_inputs_use_the_given_mode(presets, wide_synth_dir):
 
     model, tok = load_vlm(presets["pad"])
     info = model_info(model, tok)
-    recs = json.loads((wide_synth_dir / "instruct.json").read_text())[:2]
+    recs = [r for r in json.loads((wide_synth_dir / "instruct.json").read_text()) if "image" in r][:2]
     samples = [Preparer(tok, "qwen2_base", info.num_visual_tokens, info.image_token_id, wide_synth_dir / "images")
                .prepare(r) for r in recs]
     batch = collate(samples, tok.pad_token_id, info.image_size, aspect_ratio="pad")

@@ -4,15 +4,22 @@ steps placed by what determines them, so a step whose inputs are identical for s
 (the same starting model, trainer config and teacher cache: e.g. one DPT and SFT for all DFT
 variants, or the first stage of ``repeat`` and ``single``) is computed once, in ``steps/``.
 
+With ``workers`` > 1, that many points run side by side (threads, each point's children its own processes):
+a teacher's cache is filled by the first point that needs it while the others wait for it, and a shared step
+is computed by one point while the others wait for its checkpoint. The points share the configured devices,
+so this is for devices that can be shared (the CPU demo on 2 cores); on GPUs give each ablation its own.
+
 Resumable like the cascade: a point whose ``summary.json`` was written for the same config is
 skipped; an interrupted step resumes from its checkpoint; Ctrl-C stops every child and raises
 KeyboardInterrupt (``ckd ablate`` exits 130).
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +28,7 @@ from deploy.ablate.report import Row, write_report
 from deploy.cascade.caches import CacheCheck, model_files_key
 from deploy.cascade.config import CascadeConfig
 from deploy.cascade.gaps import STORE as GAP_STORE
+from deploy.cascade.gaps import GapStore
 from deploy.cascade.plan import Stage, chain, place_steps, plan
 from deploy.cascade.run import Cascade
 from deploy.cascade.supervise import Children
@@ -47,12 +55,23 @@ def step_key(cfg: CascadeConfig, stage: Stage, step: str, model_in: str, steps_d
 
 
 class Ablation:
-    def __init__(self, cfg: AblateConfig, log=print, children: Children | None = None):
+    def __init__(self, cfg: AblateConfig, log=print, children: Children | None = None, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.cfg = cfg
         self.run = Path(cfg.base.run_dir)
         self.log = log
         self.children = children or Children()
+        self.workers = workers
         self.caches = CacheCheck(cfg.base.data_of, cfg.base.images)  # data prepared, teachers fingerprinted once
+        self.gap_store = GapStore(self.run / GAP_STORE)  # one store for the grid: a shared checkpoint is measured once
+        self._fill_lock = threading.Lock()  # one fill at a time across the points; the next finds the cache complete
+        self._step_locks: dict[Path, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def _step_lock(self, out: Path) -> threading.Lock:
+        with self._locks_lock:
+            return self._step_locks.setdefault(Path(out).resolve(), threading.Lock())
 
     def stages(self, pcfg: CascadeConfig) -> list[Stage]:
         """The point's plan, each step in ``steps/<step>-<key>``."""
@@ -74,7 +93,9 @@ class Ablation:
         self.log(f"[ablate] {point.name} seed {seed}: {pcfg.strategy} -> {pdir}")
         cascade = Cascade(pcfg, lambda m: self.log(f"  {m}"), self.children)
         cascade.caches = self.caches
-        cascade.gap_store = self.run / GAP_STORE  # one store for the grid: a shared checkpoint is measured once
+        cascade.gap_store = self.gap_store
+        cascade.fill_lock = self._fill_lock
+        cascade.step_lock = self._step_lock
         return cascade.execute(self.stages(pcfg))
 
     def execute(self, title: str | None = None) -> dict:
@@ -83,11 +104,13 @@ class Ablation:
         self.run.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run / "ablate.json")
         t0 = time.time()
+        runs = [(point, seed) for point in self.cfg.points for seed in self.cfg.seeds]
+        summaries = iter(self._run_all(runs))  # in the order of runs: points, seeds inside
         rows = []
         for point in self.cfg.points:
-            summaries = [self.run_point(point, seed) for seed in self.cfg.seeds]
             first = self.cfg.point_config(point, self.cfg.seeds[0])
-            rows.append(Row.from_summaries(point.name, chain(plan(first)), summaries))
+            summaries_of = [next(summaries) for _ in self.cfg.seeds]
+            rows.append(Row.from_summaries(point.name, chain(plan(first)), summaries_of))
         wall = round(time.time() - t0, 1)
         title = title or (f"ckd ablate: {len(self.cfg.points)} points x {len(self.cfg.seeds)} seed(s) "
                           f"(seeds {self.cfg.seeds}), accuracy (%) on the held-out questions")
@@ -95,6 +118,23 @@ class Ablation:
         self.log(report["table"])
         self.log(f"[ablate] done in {wall} s; table {report['md']}, plot {report['png']}")
         return {**report, "rows": rows, "wall_s": wall}
+
+
+    def _run_all(self, runs: list[tuple[Point, int]]) -> list[dict]:
+        """Every (point, seed), ``workers`` at a time, in grid order; the first failure stops the others."""
+        if self.workers == 1:
+            return [self.run_point(point, seed) for point, seed in runs]
+        pool = cf.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="point")
+        futures = [pool.submit(self.run_point, point, seed) for point, seed in runs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            self.children.stop()  # no new child starts, the running ones are stopped: the other points fail fast
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_ablation(config: str | Path | AblateConfig, log=print) -> dict:

@@ -144,12 +144,12 @@ def stored_gap(store: GapStore, job: dict) -> dict:
 class CascadeGaps:
     """The gaps of one cascade run (``Cascade.execute`` calls :meth:`measure` at each measuring point)."""
 
-    def __init__(self, cascade, stages: list[Stage], store: Path, env: dict, device: str):
+    def __init__(self, cascade, stages: list[Stage], store: Path | GapStore, env: dict, device: str):
         self.cascade = cascade
         self.cfg = cascade.cfg
         self.points = checkpoints(stages)
         self.teachers = chain_teachers(stages)
-        self.store = GapStore(store)
+        self.store = store if isinstance(store, GapStore) else GapStore(store)
         self.env, self.device = env, device
 
     def _job(self, teacher: Teacher, step: str, model: str) -> dict:

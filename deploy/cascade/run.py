@@ -13,6 +13,7 @@ so re-running the command after a crash or Ctrl-C skips what is done and resumes
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import sys
 import threading
@@ -72,9 +73,12 @@ class Cascade:
         self.children = children or Children()
         self.caches = CacheCheck(cfg.data_of, cfg.images, self.data_for_cache)
         self.timeline: Timeline | None = None
-        self._fill_lock = threading.Lock()  # one fill at a time per teacher device set
+        self.fill_lock = threading.Lock()  # one fill at a time (``ckd ablate`` points share one)
         self.prepared: dict[tuple[str, str, int], object] = {}  # (split, template, max_length) -> PreparedData
         self.gap_store = self.run / GAP_STORE  # ``ckd ablate`` points share one (deploy.cascade.gaps)
+        # held while a training step runs or is found finished: ``ckd ablate`` running points side by side
+        # gives every step directory one lock, so two points needing the same shared step compute it once
+        self.step_lock = lambda out: contextlib.nullcontext()
 
     # -- data: each split prepared once per run, before any fill or training step ---------------
 
@@ -122,7 +126,7 @@ class Cascade:
     def fill(self, teacher: Teacher, needs: tuple[tuple[str, str], ...]) -> None:
         """Make the teacher's cache complete for every (split, template) in ``needs``; servers are
         started only if something is missing."""
-        with self._fill_lock:
+        with self.fill_lock:
             job = f"fill:{teacher.name}"
             complete, todo = [], []
             for split, template in needs:
@@ -224,33 +228,37 @@ class Cascade:
     # -- training ------------------------------------------------------------------------------
 
     def train_stage(self, stage: Stage) -> None:
-        from student_trainer.checkpoint import latest_resumable
-
         model = stage.student_in
-        env, _ = _device_env(self.cfg.train_devices)
-        n_ranks = self.cfg.train_ranks
         for step in stage.steps:
             out = stage.step_out(step)
-            job = f"train:{stage.id}:{step}"
-            if (out / "final" / "trainer_state.json").is_file():
-                self.log(f"[cascade] {job}: already finished")
-                model = str(out / "final")
-                continue
-            resumed = latest_resumable(out) is not None
-            uses_teacher = STEPS[step].uses_teacher
-            tc = self.cfg.train_config(step, model, out, stage.teacher.cache_root if uses_teacher else None, resumed,
-                                       prepared=str(self.data_for_step(step).path))
-            launcher = _python()
-            if n_ranks > 1:  # --standalone: the rendezvous picks its own free port
-                launcher += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(n_ranks), "-m"]
-            cmd = launcher + ["student_trainer", "distill" if uses_teacher else "train", *to_argv(tc)]
-            self.log(f"[cascade] {job}: {'resuming' if resumed else 'training'} on {self.cfg.train_devices}"
-                     + (f" with teacher {stage.teacher.name}" if uses_teacher else ""))
-            start = time.time()
-            self.children.run(cmd, self.run / "logs" / f"{stage.id}-{step}.log", env, what=f"{job}")
-            self.timeline.record(job, "train", self.cfg.train_devices, start, "resumed" if resumed else "done",
-                                 out=str(out))
-            model = str(out / "final")
+            with self.step_lock(out):
+                model = self._train_step(stage, step, out, model)
+
+    def _train_step(self, stage: Stage, step: str, out: Path, model: str) -> str:
+        """Run one training step from ``model`` (or find it finished); returns the checkpoint it ends with."""
+        from student_trainer.checkpoint import latest_resumable
+
+        job = f"train:{stage.id}:{step}"
+        if (out / "final" / "trainer_state.json").is_file():
+            self.log(f"[cascade] {job}: already finished")
+            return str(out / "final")
+        env, _ = _device_env(self.cfg.train_devices)
+        n_ranks = self.cfg.train_ranks
+        resumed = latest_resumable(out) is not None
+        uses_teacher = STEPS[step].uses_teacher
+        tc = self.cfg.train_config(step, model, out, stage.teacher.cache_root if uses_teacher else None, resumed,
+                                   prepared=str(self.data_for_step(step).path))
+        launcher = _python()
+        if n_ranks > 1:  # --standalone: the rendezvous picks its own free port
+            launcher += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(n_ranks), "-m"]
+        cmd = launcher + ["student_trainer", "distill" if uses_teacher else "train", *to_argv(tc)]
+        self.log(f"[cascade] {job}: {'resuming' if resumed else 'training'} on {self.cfg.train_devices}"
+                 + (f" with teacher {stage.teacher.name}" if uses_teacher else ""))
+        start = time.time()
+        self.children.run(cmd, self.run / "logs" / f"{stage.id}-{step}.log", env, what=f"{job}")
+        self.timeline.record(job, "train", self.cfg.train_devices, start, "resumed" if resumed else "done",
+                             out=str(out))
+        return str(out / "final")
 
     def evaluate(self, stage: Stage) -> dict | None:
         if not self.cfg.eval_data:
