@@ -36,7 +36,9 @@ def env(tmp_path_factory):
     from ckd_common.synth import synthesize
 
     root = tmp_path_factory.mktemp("ablate-run")
-    synthesize(root / "data", seed=2, n_pretrain=4, n_instruct=4, n_eval=5)
+    # 8 per split for a global batch of 4: the trainer's held-out slice (a hash of each sample key, 1 %)
+    # may take a sample, and a split must still fill one batch whatever the data (it took 1 of 4 once)
+    synthesize(root / "data", seed=2, n_pretrain=8, n_instruct=8, n_eval=5)
     for p in ("tiny-student", "tiny-teacher"):
         init_preset(p, root / "models" / p)
     for split, template in (("pretrain", "pretrain"), ("instruct", "qwen2_base")):
