@@ -160,8 +160,8 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print, seeds:
     from ckd_common.synth import synthesize
     from deploy.ablate import Ablation, Row, write_report
     from deploy.cascade import Cascade
-    from deploy.cascade.supervise import Children, side_by_side
     from deploy.cascade.gaps import CascadeGaps
+    from deploy.cascade.supervise import Children, side_by_side
 
     work = Path(workdir).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", CHILD_THREADS)  # inherited by every child the cascades start

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from proctree import alive, descendants
 
 from deploy.cascade import supervise
 from deploy.cascade.supervise import CascadeError, Children, Stopped, side_by_side
-from proctree import alive, descendants
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
