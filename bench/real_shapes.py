@@ -48,7 +48,9 @@ rel_err_random=1.90e-03
     the same run say 711 (captions) and 284 (instructions) records/s, 406 samples/s together (1 worker, 128
     samples: coarse). The script now reads the report line; bench/prepare.py measures preparation properly.
   - image bytes: visual ids 88 + high bits 8 + values 22 KiB, the factor 3-5 KiB (rank 4-7 on this random
-    teacher, share >= 0.9999; a trained teacher needs ~10-80 columns, ~0.7 KiB each: bench/cache_io.py).
+    teacher, share >= 0.9999; this run was format 2. Format 3 keeps a teacher-like R in up to 160 column
+    units -- int8 columns ~0.7 KiB each, coarse trailing ones ~0.33 KiB -- <= 142 KiB per image sample on
+    every profile of bench/cache_io.py; not re-run here, where the random teacher's R is rank 4-7).
   - rel_err: the student's own H_S is nearly aligned with the TA's R (1 - cos <= 1e-3 for two random models
     whose R is dominated by the component all visual tokens share), so its gradient is tiny and the
     *relative* gradient error large (0.1-0.34); a Gaussian H_S (1 - cos ~0.97) gives |d(1-cos)| 1.3-1.9e-3,

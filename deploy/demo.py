@@ -20,7 +20,6 @@ finished. Whatever ordering comes out is reported as is: tiny models, minutes of
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import time
@@ -161,8 +160,8 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print, seeds:
     from ckd_common.synth import synthesize
     from deploy.ablate import Ablation, Row, write_report
     from deploy.cascade import Cascade
-    from deploy.cascade.supervise import Children
     from deploy.cascade.gaps import CascadeGaps
+    from deploy.cascade.supervise import Children, side_by_side
 
     work = Path(workdir).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", CHILD_THREADS)  # inherited by every child the cascades start
@@ -185,16 +184,9 @@ def run_demo(workdir: str | Path = "runs/demo", seed: int = 0, log=print, seeds:
     cfgs = [_cascade_config(work, f"{t}-baseline", "none", f"models/{TEACHER_PRESETS[t]}", {}, TEACHER_STEPS,
                             train_device=f"cpu:{i % WORKERS}") for i, t in enumerate(DEMO_TEACHERS)]
     children = Children()  # one set for both: Ctrl-C (main thread) stops both trainings at once
-    pool = cf.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="teacher")
     with children.stop_on_signals():
-        futures = [pool.submit(Cascade(c.validate(), quiet, children).execute) for c in cfgs]
-        try:
-            summaries = [f.result() for f in futures]
-        except BaseException:
-            children.stop()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        summaries = side_by_side(children, [Cascade(c.validate(), quiet, children).execute for c in cfgs],
+                                 WORKERS, name="teacher")
     rows, teachers = [], {}
     for tname, summary in zip(DEMO_TEACHERS, summaries):
         teachers[tname] = summary["final"]

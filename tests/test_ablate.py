@@ -286,6 +286,6 @@ def test_a_failing_point_stops_the_others(env, monkeypatch, tmp_path):
     abl = Ablation(cfg, log=lambda *_: None, workers=2)
     with pytest.raises(RuntimeError, match="point failed"):
         abl._run_all([(p, 0) for p in cfg.points])
-    assert abl.children._stopping
+    assert abl.children.stopping
     with pytest.raises(ValueError, match="workers"):
         Ablation(cfg, workers=0)

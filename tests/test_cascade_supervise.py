@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from proctree import alive, descendants
 
 from deploy.cascade import supervise
-from deploy.cascade.supervise import Children, Stopped
-from proctree import alive, descendants
+from deploy.cascade.supervise import CascadeError, Children, Stopped, side_by_side
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -86,6 +86,36 @@ def test_no_child_starts_once_stopping_from_any_thread(tmp_path):
     t.join(60)
     assert len(errors) == 1 and isinstance(errors[0], Stopped)
     assert children.running() == [] and not (tmp_path / "thread.log").exists()
+
+
+def test_side_by_side_returns_results_in_order():
+    assert side_by_side(Children(), [lambda i=i: i * i for i in range(5)], workers=2) == [0, 1, 4, 9, 16]
+    assert side_by_side(Children(), [lambda: "one"], workers=1) == ["one"]
+
+
+@pytest.mark.integration
+def test_side_by_side_a_failure_stops_an_earlier_call_still_running(tmp_path):
+    """The later call fails while the first still runs a child: the child is stopped at once (not after its
+    600 s) and the failure is what is raised."""
+    children = Children()
+    first_failed: list[BaseException] = []
+
+    def long_running() -> None:
+        try:
+            children.run(SLEEPER, tmp_path / "sleeper.log", what="sleeper")
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            first_failed.append(e)
+            raise
+
+    def failing() -> None:
+        while not children.running():  # fail only once the other call's child runs
+            time.sleep(0.01)
+        raise ValueError("point failed")
+
+    with pytest.raises(ValueError, match="point failed"):
+        side_by_side(children, [long_running, failing], workers=2)
+    assert children.stopping and children.running() == []
+    assert len(first_failed) == 1 and isinstance(first_failed[0], CascadeError)
 
 
 @pytest.mark.integration

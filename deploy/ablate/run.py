@@ -15,7 +15,7 @@ KeyboardInterrupt (``ckd ablate`` exits 130).
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import shutil
@@ -31,7 +31,7 @@ from deploy.cascade.gaps import STORE as GAP_STORE
 from deploy.cascade.gaps import GapStore
 from deploy.cascade.plan import Stage, chain, place_steps, plan
 from deploy.cascade.run import Cascade
-from deploy.cascade.supervise import Children
+from deploy.cascade.supervise import Children, side_by_side
 from student_trainer.config import TrainConfig
 
 # trainer options that do not change what a step computes (the trainer's own rule for --resume)
@@ -122,19 +122,8 @@ class Ablation:
 
     def _run_all(self, runs: list[tuple[Point, int]]) -> list[dict]:
         """Every (point, seed), ``workers`` at a time, in grid order; the first failure stops the others."""
-        if self.workers == 1:
-            return [self.run_point(point, seed) for point, seed in runs]
-        pool = cf.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="point")
-        futures = [pool.submit(self.run_point, point, seed) for point, seed in runs]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            self.children.stop()  # no new child starts, the running ones are stopped: the other points fail fast
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        calls = [functools.partial(self.run_point, point, seed) for point, seed in runs]
+        return side_by_side(self.children, calls, self.workers, name="point")
 
 
 def run_ablation(config: str | Path | AblateConfig, log=print) -> dict:

@@ -16,6 +16,7 @@ and once stopping has begun no new child starts, from any thread.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import ctypes
 import os
@@ -23,9 +24,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _PR_SET_PDEATHSIG = 1
 try:  # loaded once here: the child between fork and exec must not dlopen (another thread may hold the lock)
@@ -141,6 +144,11 @@ class Children:
         with self._lock:
             return [p for p in self._procs if p.poll() is None]
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has begun: no new child starts."""
+        return self._stopping
+
     def stop(self, grace: float = 10.0) -> None:
         """Stop every child (SIGTERM to its process group, SIGKILL after ``grace`` s) and start no new one."""
         with self._signals_held():
@@ -162,6 +170,30 @@ class Children:
                     time.sleep(0.05)
                 _killpg(p, signal.SIGKILL)
             self._held = None  # a second Ctrl-C while stopping: we are stopping already
+
+
+def side_by_side(children: Children, calls: list[Callable[[], T]], workers: int, name: str = "worker") -> list[T]:
+    """Run ``calls`` ``workers`` at a time (threads; each call's processes are its own, registered in
+    ``children``) and return their results in order. The first failure (or Ctrl-C in the main thread) stops
+    every child, so the other calls fail fast instead of running to the end, and is raised."""
+    if workers <= 1:
+        return [call() for call in calls]
+    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    futures = [pool.submit(call) for call in calls]
+    try:
+        # not f.result() in order: a call that fails while an earlier one still runs must stop it now
+        cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+        return [f.result() for f in futures]
+    except BaseException:
+        children.stop()  # no new child starts, the running ones are stopped
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _group_alive(pgid: int) -> bool:
