@@ -22,9 +22,10 @@ shared between strategies, e.g. ``repeat``'s first stage is ``single``'s). Re-ru
 Last line: ``RESULT seeds=N <strategy>_mean=... <strategy>_std=... ... wall_s=...`` (average accuracy
 over the categories, %; std over seeds, n/a for one seed).
 
-Measured on the shared 2-core CPU box (main after the side-by-side runner, the embedded task of
-``ckd_common.synth``; ``--seeds 2 --workdir`` = a finished ``make demo``, whose teachers, caches and
-seed 0 of the four paper strategies were reused; 549 s), as measured:
+Measured on the shared 2-core CPU box with the teachers' *previous* recipe (PT trained the connector only;
+``deploy.demo.TEACHER_STEPS`` now pre-trains their LLMs too, which raised their held-out accuracy: see
+there) on the embedded task of ``ckd_common.synth`` (``--seeds 2 --workdir`` = a finished ``make demo``,
+whose teachers, caches and seed 0 of the four paper strategies were reused; 549 s), as measured:
 
     RESULT seeds=2 none_mean=6.33 none_std=0.00 none_steps=152 none_teacher_fwd=0 single_mean=41.83
       single_std=13.91 single_steps=293 single_teacher_fwd=2432 bottom_up_mean=57.50

@@ -214,8 +214,9 @@ def parse_value(cls, name: str, value: Any) -> Any:
         parsed = [_convert(o, v) for v in (value if isinstance(value, (list, tuple)) else [value])]
     else:
         parsed = _convert(o, value)
-    if o.choices is not None and parsed not in o.choices:
-        raise ValueError(f"{parsed!r} is not one of {list(o.choices)}")
+    for v in (parsed if o.kind == "list" else [parsed]):  # a list's choices are its elements'
+        if o.choices is not None and v not in o.choices:
+            raise ValueError(f"{v!r} is not one of {list(o.choices)}")
     return parsed
 
 

@@ -23,6 +23,7 @@ from ckd_common.templates import PRETRAIN, QWEN2_BASE
 
 CONFIG_FILE = "student_trainer.json"
 PARTS = ("vision", "connector", "llm")  # the vision tower is frozen in every step
+TRAINABLE_PARTS = PARTS[1:]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,11 @@ class TrainConfig(CommandConfig):
     micro_batch: int = _opt(4, group="optimisation", help="samples per forward per rank")
     epochs: float = _opt(1.0, group="optimisation")
     max_steps: int | None = _opt(None, group="optimisation", help="stop after this many optimizer steps")
+    trainable: list[str] | None = _opt(None, group="optimisation", choices=TRAINABLE_PARTS,
+                                       help="a part this step trains (repeat the option for several), instead of the "
+                                       "step's own; the vision tower stays frozen. E.g. pt with --trainable connector "
+                                       "--trainable llm is TinyLLaVA-Factory's full pre-training (the LLM trained on "
+                                       "captions too): how the demo's tiny teachers, whose LLMs start random, pre-train")
     warmup_ratio: float = _opt(0.03, group="optimisation")
     weight_decay: float = _opt(0.0, group="optimisation")
     grad_clip: float = _opt(1.0, group="optimisation", help="0 = off")
@@ -164,6 +170,11 @@ class TrainConfig(CommandConfig):
     @property
     def spec(self) -> StepSpec:
         return STEPS[self.step]
+
+    @property
+    def trainable_parts(self) -> tuple[str, ...]:
+        """What this step trains: ``--trainable`` when given, else the step's own parts."""
+        return tuple(self.trainable) if self.trainable else self.spec.trainable
 
     def resolved(self) -> "TrainConfig":
         """A copy with paths as Paths and every None default filled from the step table."""
@@ -235,6 +246,9 @@ class TrainConfig(CommandConfig):
                          f"{world_size or 1} rank(s) = {per}")
         if not self.epochs > 0:
             p.append(f"epochs must be > 0, got {self.epochs}")
+        if self.trainable is not None and (not self.trainable or set(self.trainable) - set(TRAINABLE_PARTS)):
+            p.append(f"trainable must name parts among {TRAINABLE_PARTS} (the vision tower is always frozen), got "
+                     f"{list(self.trainable)}")
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
@@ -344,5 +358,5 @@ KD_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
 
 
 __all__ = ["KD_OPTION_DEFAULTS", "STEPS", "StepSpec", "TrainConfig", "ConfigError", "CONFIG_FILE", "TRAIN_STEPS",
-           "DISTILL_STEPS", "PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS",
+           "DISTILL_STEPS", "PARTS", "TRAINABLE_PARTS", "SPLITS", "OPTION_GROUPS", "TEACHER_GROUP", "recipe_steps", "TINYLLAVA_STEPS",
            "LLAVA_KD_STEPS", "GC_AUTO_MIN_LLM_PARAMS"]

@@ -271,11 +271,11 @@ def train(cfg: TrainConfig) -> RunResult:
     gas = cfg.global_batch // (cfg.micro_batch * world)
 
     # -- engine --------------------------------------------------------------------------------
-    counts = set_trainable(vlm, spec.trainable)
+    counts = set_trainable(vlm, cfg.trainable_parts)
     grad_ckpt, grad_ckpt_why = use_gradient_checkpointing(vlm, cfg.gradient_checkpointing)
     vlm.train()  # from_pretrained returns eval(): checkpointing (and any dropout) only acts in training mode
     vlm.model.vision_tower.eval()  # frozen; no dropout either way
-    module = StudentLoss(vlm, cfg.chunk_size, cfg.rel_variant, head_trainable="llm" in spec.trainable,
+    module = StudentLoss(vlm, cfg.chunk_size, cfg.rel_variant, head_trainable="llm" in cfg.trainable_parts,
                          objective=cfg.objective, teacher_vocab=reader.meta.vocab_size if reader else None)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -306,7 +306,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if is0:
         cfg.save(out / CONFIG_FILE)
         print(cfg.describe())
-        trainable = ", ".join(f"{k} {v / 1e6:.3f}M {'trainable' if k in spec.trainable and k != 'vision' else 'frozen'}"
+        trainable = ", ".join(f"{k} {v / 1e6:.3f}M {'trainable' if k in cfg.trainable_parts and k != 'vision' else 'frozen'}"
                               for k, v in counts.items())
         print(f"student_trainer {spec.name}: {spec.description}\n  ranks {world}, {'bf16' if bf16 else 'fp32'}, "
               f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.micro_batch} x {gas} accumulation x {world} = global "

@@ -76,6 +76,15 @@ def test_parse_value_takes_yaml_values_like_the_command_line():
             parse_value(Toy, name, value)
 
 
+def test_a_list_options_choices_are_checked_element_by_element():
+    from student_trainer.config import TrainConfig
+
+    assert parse_value(TrainConfig, "trainable", ["connector", "llm"]) == ["connector", "llm"]
+    assert parse_value(TrainConfig, "trainable", "llm") == ["llm"]
+    with pytest.raises(ValueError, match=re.escape("'vision' is not one of ['connector', 'llm']")):
+        parse_value(TrainConfig, "trainable", ["connector", "vision"])
+
+
 def test_trainer_cli_is_derived_from_train_config():
     from student_trainer.cli import build_parser as trainer_parser
     from student_trainer.config import TEACHER_GROUP, TrainConfig

@@ -81,6 +81,17 @@ def test_config_reports_every_problem_at_once(tmp_path, capsys):
     assert rc == 2 and "student_trainer: error: invalid" in err and "Traceback" not in err
 
 
+def test_trainable_overrides_the_steps_parts_and_never_the_vision_tower():
+    from student_trainer.config import TrainConfig
+
+    base = dict(step="pt", model="m", data="d", out="o")
+    assert TrainConfig(**base).trainable_parts == ("connector",)
+    assert TrainConfig(**base, trainable=["connector", "llm"]).trainable_parts == ("connector", "llm")
+    for bad in (["vision"], ["connector", "lm"], []):
+        problems = TrainConfig(**base, trainable=bad).problems()
+        assert any(p.startswith("trainable must name parts among") for p in problems), (bad, problems)
+
+
 def test_step_table_defaults_follow_the_recipe():
     from ckd_common.kd import KDWeights
     from student_trainer.config import STEPS, TrainConfig
@@ -129,6 +140,23 @@ def test_dpt_changes_only_the_connector(tiny_models, synth_dir, cache, tmp_path)
     assert all(0 <= r["data_wait_fraction"] <= 1 for r in rec)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and "data_wait_fraction" in summary and (out / "loss_curve.png").stat().st_size
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("trainable, changes_llm", [((), False), (("connector", "llm"), True)])
+def test_pt_trains_the_connector_or_with_trainable_also_the_llm(trainable, changes_llm, tiny_models, synth_dir,
+                                                                 tmp_path):
+    """PT trains the connector (TinyLLaVA's recipe); ``--trainable connector --trainable llm`` is its full
+    pre-training: the LLM learns from the captions too. The vision tower stays frozen either way."""
+    out = tmp_path / "pt"
+    extra = ["--max-steps", "2", "--num-workers", "0", "--lr", "1e-3"]
+    for part in trainable:
+        extra += ["--trainable", part]
+    assert main(_args("train", "pt", tiny_models["tiny-student"], synth_dir, out, "pretrain.json", extra)) == 0
+    changed = _changed_parts(_weights(tiny_models["tiny-student"]), _weights(out / "final"))
+    assert changed == {"vision": False, "connector": True, "llm": changes_llm}
+    saved = json.loads((out / "student_trainer.json").read_text())
+    assert saved["trainable"] == (list(trainable) or None)
 
 
 @pytest.mark.integration
