@@ -273,6 +273,18 @@ def test_points_run_side_by_side_and_a_shared_step_is_computed_once(env, monkeyp
     assert len(expected) == 12  # per seed
 
 
+def test_side_by_side_the_longest_points_start_first(env):
+    """Side by side, a grid starts its longest runs first (planned optimizer steps; ties in grid order), so
+    that no long point starts last and runs alone; one at a time it keeps grid order."""
+    cfg = _config(env, grid={"strategy": ["none", "single", "bottom-up", "repeat"]}, seeds=[0, 1]).validate()
+    runs = [(p, s) for p in cfg.points for s in cfg.seeds]
+    order = Ablation(cfg, workers=2).start_order(runs)
+    assert [(runs[i][0].strategy, runs[i][1]) for i in order] == [
+        ("bottom-up", 0), ("bottom-up", 1), ("repeat", 0), ("repeat", 1), ("single", 0), ("single", 1),
+        ("none", 0), ("none", 1)]
+    assert Ablation(cfg, workers=1).start_order(runs) == list(range(len(runs)))
+
+
 def test_a_failing_point_stops_the_others(env, monkeypatch, tmp_path):
     """The first failure is raised and the shared children are stopped: the other points start nothing more."""
     import threading

@@ -4,10 +4,11 @@ steps placed by what determines them, so a step whose inputs are identical for s
 (the same starting model, trainer config and teacher cache: e.g. one DPT and SFT for all DFT
 variants, or the first stage of ``repeat`` and ``single``) is computed once, in ``steps/``.
 
-With ``workers`` > 1, that many points run side by side (threads, each point's children its own processes):
-a teacher's cache is filled by the first point that needs it while the others wait for it, and a shared step
-is computed by one point while the others wait for its checkpoint. The points share the configured devices,
-so this is for devices that can be shared (the CPU demo on 2 cores); on GPUs give each ablation its own.
+With ``workers`` > 1, that many points run side by side (threads, each point's children its own processes;
+the longest start first): a teacher's cache is filled by the first point that needs it while the others wait
+for it, and a shared step is computed by one point while the others wait for its checkpoint. The points
+share the configured devices, so this is for devices that can be shared (the CPU demo on 2 cores); on GPUs
+give each ablation its own.
 
 Resumable like the cascade: a point whose ``summary.json`` was written for the same config is
 skipped; an interrupted step resumes from its checkpoint; Ctrl-C stops every child and raises
@@ -99,8 +100,9 @@ class Ablation:
         return cascade.execute(self.stages(pcfg))
 
     def execute(self, title: str | None = None) -> dict:
-        """Every point x seed (in grid order, seeds inside), then the table and plot. Returns the report:
-        ``rows`` (deploy.ablate.report.Row, one per point), ``table``, the files written, ``wall_s``."""
+        """Every point x seed (started in :meth:`start_order`), then the table (grid order, seeds inside) and
+        plot. Returns the report: ``rows`` (deploy.ablate.report.Row, one per point), ``table``, the files
+        written, ``wall_s``."""
         self.run.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run / "ablate.json")
         t0 = time.time()
@@ -119,11 +121,30 @@ class Ablation:
         self.log(f"[ablate] done in {wall} s; table {report['md']}, plot {report['png']}")
         return {**report, "rows": rows, "wall_s": wall}
 
+    def start_order(self, runs: list[tuple[Point, int]]) -> list[int]:
+        """The order ``runs`` start in: grid order one at a time; side by side the longest first (planned
+        optimizer steps, ties in grid order), so the last to start are short. The demo's student grid took
+        314 s in grid order (its longest point, top-down, began last and ran alone at the end), 284 s so."""
+        from deploy.cascade.compute import planned
+
+        if self.workers == 1:
+            return list(range(len(runs)))
+
+        def cost(i: int) -> int:
+            pcfg = self.cfg.point_config(*runs[i])
+            return planned(pcfg, plan(pcfg), self.cfg.samples()).optimizer_steps
+
+        return sorted(range(len(runs)), key=lambda i: -cost(i))  # stable: ties keep grid order
 
     def _run_all(self, runs: list[tuple[Point, int]]) -> list[dict]:
-        """Every (point, seed), ``workers`` at a time, in grid order; the first failure stops the others."""
-        calls = [functools.partial(self.run_point, point, seed) for point, seed in runs]
-        return side_by_side(self.children, calls, self.workers, name="point")
+        """Every (point, seed), ``workers`` at a time (in :meth:`start_order`); the first failure stops the
+        others. The summaries come back in the order of ``runs``."""
+        order = self.start_order(runs)
+        calls = [functools.partial(self.run_point, *runs[i]) for i in order]
+        summaries: list[dict] = [{}] * len(runs)
+        for i, summary in zip(order, side_by_side(self.children, calls, self.workers, name="point")):
+            summaries[i] = summary
+        return summaries
 
 
 def run_ablation(config: str | Path | AblateConfig, log=print) -> dict:
