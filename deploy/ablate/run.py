@@ -124,7 +124,8 @@ class Ablation:
     def start_order(self, runs: list[tuple[Point, int]]) -> list[int]:
         """The order ``runs`` start in: grid order one at a time; side by side the longest first (planned
         optimizer steps, ties in grid order), so the last to start are short. The demo's student grid took
-        314 s in grid order (its longest point, top-down, began last and ran alone at the end), 284 s so."""
+        314 s in grid order (its longest point, top-down, began last and ran alone at the end), 284 s
+        longest first."""
         from deploy.cascade.compute import planned
 
         if self.workers == 1:
